@@ -1,0 +1,310 @@
+"""Preference data: the tokenizer, (prompt, chosen, rejected) records, and batches with masks.
+
+Nothing here knows about models or devices: collate returns CPU tensors and train.py moves them.
+
+Records are dicts with string fields prompt, chosen and rejected, read from JSON Lines or made by
+the built-in generator (`builtin_data`), which follows the Smaug paper's MetaMath recipe on
+3-digit addition so that DPO's failure mode shows up on a laptop CPU in minutes.
+"""
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+EOT = "<|endoftext|>"  # the end-of-text special token; its id is enc.eot_token
+# GPT-2's pre-tokenizer pattern (public in GPT-2's encoder.py and in tiktoken), used with ranks files
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class DataError(ValueError):
+    """Bad input from the user: the message is one line, fit to print as it is."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+
+def load_tokenizer(spec):
+    """Return a tiktoken.Encoding for spec.
+
+    Args:
+        spec: "byte" (built-in, offline: the 256 byte values are tokens 0..255 and end-of-text is
+            256), a tiktoken encoding name such as "gpt2" or "cl100k_base" (downloaded and cached by
+            tiktoken on first use), or the path of a .tiktoken ranks file, read with GPT-2's
+            pattern and with end-of-text appended after the last rank.
+    Returns:
+        The encoding. Its end-of-text id is `enc.eot_token` and its vocabulary size `enc.n_vocab`.
+    """
+    if spec == "byte":
+        return tiktoken.Encoding(name="byte", pat_str=GPT2_PATTERN, special_tokens={EOT: 256},
+                                 mergeable_ranks={bytes([i]): i for i in range(256)})
+    if os.path.isfile(spec):
+        try:
+            ranks = load_tiktoken_bpe(spec)
+        except Exception as e:
+            raise DataError(f"{spec}: not a .tiktoken ranks file ({e})") from None
+        return tiktoken.Encoding(name=os.path.basename(spec), pat_str=GPT2_PATTERN,
+                                 mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+    if spec not in tiktoken.list_encoding_names():
+        raise DataError(f"--tokenizer {spec!r}: not 'byte', a tiktoken encoding "
+                        f"({', '.join(tiktoken.list_encoding_names())}) or an existing file")
+    try:
+        return tiktoken.get_encoding(spec)
+    except Exception as e:  # tiktoken raises requests' errors, or others, when offline
+        raise DataError(f"--tokenizer {spec}: tiktoken could not download it ({type(e).__name__}); "
+                        f"pass the path of a local .tiktoken ranks file instead, e.g. "
+                        f"--tokenizer gpt2.tiktoken, or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Records from JSON Lines
+
+def load_preferences(path):
+    """Read preference pairs from a JSON Lines file.
+
+    Each non-blank line is one object with string fields "prompt", "chosen" and "rejected"
+    (other fields are ignored). A UTF-8 byte-order mark and Windows line endings are accepted.
+    Example line:
+        {"prompt": "12+30=", "chosen": "2+0=2; 1+3=4; answer 42", "rejected": "2+0=3; 1+3=4; answer 42"}
+
+    Args:
+        path: the file.
+    Returns:
+        (records, n_identical): a list of dicts, and how many pairs were skipped because chosen
+        and rejected were the same text (they carry no preference).
+    Raises:
+        DataError "path:line: what is wrong" for the first bad line, or for a file with no pairs.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
+    records, n_identical = [], 0
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{lineno}"
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected")
+        for field in ("prompt", "chosen", "rejected"):
+            if field not in obj:
+                raise DataError(f"{where}: missing field {field!r}")
+            if not isinstance(obj[field], str):
+                raise DataError(f"{where}: field {field!r} must be a string, "
+                                f"not {type(obj[field]).__name__}")
+            if field != "prompt" and not obj[field]:
+                raise DataError(f"{where}: field {field!r} is empty")
+        if obj["chosen"] == obj["rejected"]:
+            n_identical += 1
+            continue
+        records.append({k: obj[k] for k in ("prompt", "chosen", "rejected")})
+    if not records:
+        raise DataError(f"{path}: no preference pairs in the file")
+    return records, n_identical
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in data: 3-digit addition with worked solutions, the paper's MetaMath recipe in miniature
+
+BUILTIN = ("arith", "arith-hed")
+DATA_SEED = 1234  # fixed, so every training seed sees the same data set
+N_TRAIN, N_EVAL, N_TEST = 20_000, 256, 200
+ANSWER_RE = re.compile(r"answer (\d+)")
+
+
+def arith_solution(a, b):
+    """A worked solution of a+b, column by column, and its intermediate results.
+
+    Example: arith_solution(347, 589) ->
+        ("7+9=16; 4+8+1=13; 3+5+1=9; answer 936", [16, 13, 9])
+    Each step adds one column of digits plus the carry from the previous column.
+    """
+    steps, results, carry = [], [], 0
+    for i in range(3):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
+        results.append(s)
+        carry = s // 10
+    return "; ".join(steps) + f"; answer {a + b}", results
+
+
+def builtin_data(name):
+    """The built-in data set `name` (see BUILTIN), generated offline from DATA_SEED.
+
+    "arith" (low edit distance, like the paper's MetaMath pairs): the rejected completion is the
+    chosen one with ONE intermediate result corrupted and everything else unchanged:
+        prompt   "347+589="
+        chosen   "7+9=16; 4+8+1=13; 3+5+1=9; answer 936"
+        rejected "7+9=16; 4+8+1=11; 3+5+1=9; answer 936"
+    "arith-hed" (high edit distance, the control): the rejected completion is the worked solution
+    of a different problem, so a wholly different, wrong solution.
+
+    Returns:
+        dict with "train" and "eval" (lists of records, on disjoint problems) and "test" (held-out
+        problems as (prompt, answer) for generation accuracy, disjoint from both).
+    """
+    if name not in BUILTIN:
+        raise DataError(f"unknown built-in data {name!r}: choose {', '.join(BUILTIN)} or a .jsonl path")
+    rng = random.Random(DATA_SEED)
+    problems = set()
+    while len(problems) < N_TRAIN + N_EVAL + N_TEST:
+        problems.add((rng.randint(100, 999), rng.randint(100, 999)))
+    problems = sorted(problems)
+    rng.shuffle(problems)
+    records = []
+    for a, b in problems[:N_TRAIN + N_EVAL]:
+        chosen, results = arith_solution(a, b)
+        if name == "arith":
+            i = rng.randrange(3)
+            wrong = max(0, results[i] + rng.choice([-3, -2, -1, 1, 2, 3]))
+            wrong = wrong if wrong != results[i] else results[i] + 1  # max(0, .) may undo the change
+            steps = chosen.split("; ")  # three steps, then "answer N"
+            steps[i] = steps[i].rsplit("=", 1)[0] + f"={wrong}"
+            rejected = "; ".join(steps)
+        else:
+            a2, b2 = a, b
+            while a2 + b2 == a + b:
+                a2, b2 = rng.randint(100, 999), rng.randint(100, 999)
+            rejected, _ = arith_solution(a2, b2)
+        records.append({"prompt": f"{a}+{b}=", "chosen": chosen, "rejected": rejected})
+    test = [(f"{a}+{b}=", a + b) for a, b in problems[N_TRAIN + N_EVAL:]]
+    return {"train": records[:N_TRAIN], "eval": records[N_TRAIN:], "test": test}
+
+
+def answer_of(text):
+    """The final answer in a generated solution, or None: "...; answer 936" -> 936."""
+    found = ANSWER_RE.findall(text)
+    return int(found[-1]) if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing pairs and batching them
+
+def tokenize_pairs(records, enc, block_size):
+    """Tokenize records into (prompt_ids, chosen_ids, rejected_ids) lists of ints.
+
+    Prompt and completions are tokenized separately and then joined, so the prompt boundary is
+    exact whatever the tokenizer would merge across it. The prompt starts with end-of-text (as a
+    beginning-of-sequence token: even an empty prompt then predicts the first completion token)
+    and each completion ends with end-of-text.
+
+    A sequence prompt + completion may hold block_size + 1 tokens (the model reads the first
+    block_size and predicts the last block_size). When the longer completion does not fit, the
+    prompt is cut from the left, keeping at least one token; if it still does not fit, the
+    completions are cut from the right. A pair is dropped when no completion token would remain
+    or when the cut makes chosen and rejected identical (no preference left to learn).
+
+    Returns:
+        (pairs, n_truncated, n_dropped)
+    """
+    eot = enc.eot_token
+    limit = block_size + 1
+    pairs, n_truncated, n_dropped = [], 0, 0
+    for rec in records:
+        prompt = [eot] + enc.encode_ordinary(rec["prompt"])
+        chosen = enc.encode_ordinary(rec["chosen"]) + [eot]
+        rejected = enc.encode_ordinary(rec["rejected"]) + [eot]
+        longest = max(len(chosen), len(rejected))
+        if len(prompt) + longest > limit:
+            n_truncated += 1
+            prompt = prompt[-max(1, limit - longest):]
+            room = limit - len(prompt)
+            chosen, rejected = chosen[:room], rejected[:room]
+            if room < 1 or chosen == rejected:
+                n_dropped += 1
+                continue
+        pairs.append((prompt, chosen, rejected))
+    return pairs, n_truncated, n_dropped
+
+
+def collate(pairs, pad_id):
+    """Stack a batch of B pairs into 2B rows: the B chosen rows first, then the B rejected rows,
+    so that one forward pass serves both. The target shift happens here, once.
+
+    Worked example with a byte tokenizer (E = end-of-text id, also the pad id) and one pair:
+        prompt [E, '1', '=']   chosen ['1', E]   rejected ['2', '2', E]
+        row 0 (chosen):   tokens  E  1  =  1  E
+                          idx     E  1  =  1  E          (tokens[:-1], then padding)
+                          targets 1  =  1  E  E          (tokens[1:], then padding)
+                          mask    0  0  1  1  0          (true where the target is a completion token)
+        row 1 (rejected): idx     E  1  =  2  2
+                          targets 1  =  2  2  E
+                          mask    0  0  1  1  1
+
+    Args:
+        pairs: list of (prompt_ids, chosen_ids, rejected_ids) from tokenize_pairs.
+        pad_id: token id written at padded positions (masked out, so any valid id works).
+    Returns:
+        idx (2B, T) long, targets (2B, T) long, mask (2B, T) bool, with T the longest row minus 1.
+    """
+    rows = [(p, p + c) for p, c, _ in pairs] + [(p, p + r) for p, _, r in pairs]
+    T = max(len(seq) for _, seq in rows) - 1
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, (prompt, seq) in enumerate(rows):
+        n = len(seq) - 1
+        idx[i, :n] = torch.tensor(seq[:-1])
+        targets[i, :n] = torch.tensor(seq[1:])
+        mask[i, len(prompt) - 1:n] = True  # targets[t] = seq[t+1]: the completion starts at t = len(prompt)-1
+    return idx, targets, mask
+
+
+def batch_indices(n, batch_size, step, seed):
+    """The indices of the examples in optimizer step `step`: a pure function of its arguments, so
+    a resumed run sees exactly the batches an uninterrupted run would. Each epoch is a fresh
+    permutation of range(n) drawn from (seed, epoch); the last partial batch of an epoch is skipped.
+    """
+    if batch_size > n:
+        raise DataError(f"batch of {batch_size} examples but only {n} training pairs; lower --batch-size")
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)[i * batch_size:(i + 1) * batch_size].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Edit distance: the quantity the paper ties DPO's failure mode to
+
+def edit_distance(a, b):
+    """Levenshtein distance between two token lists (insert, delete, substitute cost 1)."""
+    while a and b and a[0] == b[0]:  # a shared prefix or suffix costs nothing: strip it first
+        a, b = a[1:], b[1:]
+    while a and b and a[-1] == b[-1]:
+        a, b = a[:-1], b[:-1]
+    if not a or not b:
+        return len(a) + len(b)
+    b_arr = np.array(b)
+    prev = np.arange(len(b) + 1)
+    for i, tok in enumerate(a, start=1):
+        # without insertions: the best of a deletion (prev + 1) and a substitution or match
+        row = np.empty_like(prev)
+        row[0] = i
+        row[1:] = np.minimum(prev[1:] + 1, prev[:-1] + (b_arr != tok))
+        # insertions chain along the row: row[j] = min over k <= j of row[k] + (j - k)
+        j = np.arange(len(row))
+        prev = np.minimum.accumulate(row - j) + j
+    return int(prev[-1])
+
+
+def mean_edit_distance(pairs, max_pairs=1000):
+    """Mean normalised token edit distance between chosen and rejected over (up to max_pairs of)
+    the pairs: edit_distance / max(len(chosen), len(rejected)). MetaMath pairs: about 0.065."""
+    sample = pairs[:max_pairs]
+    return float(np.mean([edit_distance(c, r) / max(len(c), len(r)) for _, c, r in sample]))

@@ -1,0 +1,173 @@
+"""data.py: tokenizers, JSONL records and their errors, the built-in data, truncation and collate."""
+import os
+import random
+
+import pytest
+import tiktoken
+import torch
+
+from conftest import GPT2_RANKS
+from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
+                  edit_distance, load_preferences, load_tokenizer, tokenize_pairs)
+
+E = 256  # end-of-text in the byte tokenizer
+
+
+def test_byte_tokenizer_round_trip():
+    enc = load_tokenizer("byte")
+    assert enc.n_vocab == 257 and enc.eot_token == E
+    text = "347+589= héllo"
+    ids = enc.encode_ordinary(text)
+    assert ids == list(text.encode("utf-8")) and enc.decode(ids) == text
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
+def test_gpt2_ranks_file():
+    enc = load_tokenizer(GPT2_RANKS)
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == 50256
+
+
+def test_tokenizer_errors(monkeypatch, tmp_path):
+    with pytest.raises(DataError, match="not 'byte', a tiktoken encoding"):
+        load_tokenizer("gtp2")
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="could not download it.*local .tiktoken ranks file"):
+        load_tokenizer("gpt2")
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("not base64 at all\n")
+    with pytest.raises(DataError, match="bad.tiktoken: not a .tiktoken ranks file"):
+        load_tokenizer(str(bad))
+
+
+def test_load_preferences_accepts_bom_crlf_blank_lines(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "Q", "chosen": "yes", "rejected": "no", "id": 1}\r\n'
+                     b'\r\n'
+                     b'{"prompt": "", "chosen": "a", "rejected": "a"}\n'
+                     b'{"prompt": "P", "chosen": "\xc3\xa9", "rejected": "e"}\n')
+    records, n_identical = load_preferences(str(path))
+    assert records == [{"prompt": "Q", "chosen": "yes", "rejected": "no"},
+                       {"prompt": "P", "chosen": "é", "rejected": "e"}]
+    assert n_identical == 1
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"prompt": "Q", "chosen": "a", "rejected": "b"', "invalid JSON"),
+    (b'["Q", "a", "b"]', "expected a JSON object"),
+    (b'{"prompt": "Q", "chosen": "a"}', "missing field 'rejected'"),
+    (b'{"prompt": "Q", "chosen": 3, "rejected": "b"}', "field 'chosen' must be a string, not int"),
+    (b'{"prompt": "Q", "chosen": "a", "rejected": ""}', "field 'rejected' is empty"),
+    (b'{"prompt": "Q", "chosen": "\xff", "rejected": "b"}', "not valid UTF-8"),
+])
+def test_bad_jsonl_lines_name_path_and_line(tmp_path, line, message):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n\n' + line + b"\n")
+    with pytest.raises(DataError) as err:
+        load_preferences(str(path))
+    assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_empty_or_missing_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(DataError, match="no preference pairs"):
+        load_preferences(str(path))
+    with pytest.raises(DataError, match="cannot read"):
+        load_preferences(str(tmp_path / "nope.jsonl"))
+
+
+def test_arith_solution_and_answer():
+    text, results = arith_solution(347, 589)
+    assert text == "7+9=16; 4+8+1=13; 3+5+1=9; answer 936" and results == [16, 13, 9]
+    assert answer_of(text) == 936 and answer_of("7+9=16; answ") is None
+    assert arith_solution(999, 999)[0].endswith("answer 1998")
+
+
+def test_builtin_low_edit_distance_data():
+    ds = builtin_data("arith")
+    assert ds == builtin_data("arith")  # deterministic
+    prompts = [{r["prompt"] for r in ds[k]} for k in ("train", "eval")] + [{p for p, _ in ds["test"]}]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    for rec in ds["train"][:500]:
+        a, b = map(int, rec["prompt"][:-1].split("+"))
+        assert rec["chosen"] == arith_solution(a, b)[0]
+        steps_c, steps_r = rec["chosen"].split("; "), rec["rejected"].split("; ")
+        differ = [i for i, (x, y) in enumerate(zip(steps_c, steps_r)) if x != y]
+        assert len(differ) == 1 and differ[0] < 3  # exactly one intermediate result, never the answer
+    assert all(answer == eval(p[:-1]) for p, answer in ds["test"])
+
+
+def test_builtin_high_edit_distance_data():
+    ds = builtin_data("arith-hed")
+    for rec in ds["train"][:200]:
+        assert answer_of(rec["rejected"]) != eval(rec["prompt"][:-1])
+    with pytest.raises(DataError, match="unknown built-in data"):
+        builtin_data("arith-xl")
+
+
+def test_tokenize_pairs_joins_with_exact_boundary_and_truncates():
+    enc = load_tokenizer("byte")
+    recs = [{"prompt": "abcdef", "chosen": "XY", "rejected": "Z"}]
+    (prompt, chosen, rejected), = tokenize_pairs(recs, enc, block_size=32)[0]
+    assert prompt == [E] + list(b"abcdef") and chosen == list(b"XY") + [E] and rejected == list(b"Z") + [E]
+    # block_size 5 holds 6 tokens: the longer completion has 3, so the prompt keeps its last 3
+    pairs, n_cut, n_drop = tokenize_pairs(recs, enc, block_size=5)
+    assert pairs == [(list(b"def"), list(b"XY") + [E], list(b"Z") + [E])] and (n_cut, n_drop) == (1, 0)
+    # block_size 2: one prompt token, completions cut from the right to 2 tokens
+    pairs, _, _ = tokenize_pairs(recs, enc, block_size=2)
+    assert pairs == [([ord("f")], list(b"XY"), list(b"Z") + [E])]
+    # a cut that makes chosen and rejected identical drops the pair
+    same_start = [{"prompt": "p", "chosen": "AAAx", "rejected": "AAAy"}]
+    assert tokenize_pairs(same_start, enc, block_size=3)[1:] == (1, 1)
+
+
+def test_collate_alignment_hand_written():
+    pairs = [([E, ord("1"), ord("=")], [ord("1"), E], [ord("2"), ord("2"), E])]
+    idx, targets, mask = collate(pairs, pad_id=E)
+    one, eq, two = ord("1"), ord("="), ord("2")
+    assert idx.tolist() == [[E, one, eq, one, E], [E, one, eq, two, two]]
+    assert targets.tolist() == [[one, eq, one, E, E], [one, eq, two, two, E]]
+    assert mask.tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    # the masked targets are exactly the completions, chosen rows first
+    assert targets[0][mask[0]].tolist() == pairs[0][1] and targets[1][mask[1]].tolist() == pairs[0][2]
+
+
+def test_collate_on_built_in_pairs_masks_exactly_the_completions():
+    enc = load_tokenizer("byte")
+    pairs, _, _ = tokenize_pairs(builtin_data("arith")["train"][:8], enc, 64)
+    idx, targets, mask = collate(pairs, E)
+    for i, (p, c, r) in enumerate(pairs):
+        assert targets[i][mask[i]].tolist() == c and targets[8 + i][mask[8 + i]].tolist() == r
+        assert idx[i, :len(p)].tolist() == p
+
+
+def naive_edit_distance(a, b):
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[-1][-1]
+
+
+def test_edit_distance_matches_naive_dp():
+    rng = random.Random(0)
+    for _ in range(300):
+        a = [rng.randrange(4) for _ in range(rng.randrange(12))]
+        b = [rng.randrange(4) for _ in range(rng.randrange(12))]
+        assert edit_distance(a, b) == naive_edit_distance(a, b), (a, b)
+    assert edit_distance(list("kitten"), list("sitting")) == 3
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_pure():
+    n, bs = 10, 3
+    epoch0 = [i for step in range(3) for i in batch_indices(n, bs, step, seed=7)]
+    assert len(set(epoch0)) == 9  # 3 full batches of distinct examples; the partial one is skipped
+    assert batch_indices(n, bs, 4, seed=7) == batch_indices(n, bs, 4, seed=7)
+    assert batch_indices(n, bs, 0, seed=7) != batch_indices(n, bs, 0, seed=8)
+    with pytest.raises(DataError, match="lower --batch-size"):
+        batch_indices(n, 11, 0, seed=7)

@@ -1,0 +1,213 @@
+"""train.py: short real runs of main() on the built-in data with a tiny model."""
+import base64
+import json
+import math
+import os
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import train
+from data import load_tokenizer, tokenize_pairs, builtin_data, collate
+from dpop import preference_loss
+from model import GPT, GPTConfig
+from train import (TrainConfig, build_model, forward_backward, frozen_copy, get_lr,
+                   load_checkpoint, main, make_optimizer, pair_logps)
+
+
+def rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_rows(out):
+    return [r for r in rows(out) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    """A tiny SFT model trained for a few seconds: the reference for the preference runs."""
+    out = tmp_path_factory.mktemp("sft")
+    main(["--loss", "sft", "--steps", "60", "--batch-size", "32", "--lr", "3e-3",
+          "--eval-every", "60", "--sft-target-acc", "0", "--out", str(out), "--n-layer", "1",
+          "--n-head", "2", "--n-embd", "32", "--block-size", "48"])
+    return str(out / "ckpt.pt")
+
+
+def test_sft_lowers_the_loss(sft_ckpt):
+    log = train_rows(os.path.dirname(sft_ckpt))
+    assert len(log) == 6 and log[-1]["loss"] < 0.6 * log[0]["loss"]
+    ckpt = load_checkpoint(sft_ckpt)
+    assert ckpt["done"] and ckpt["step"] == 60 and ckpt["config"]["loss"] == "sft"
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "ipo", "hinge"])
+def test_preference_run_lowers_the_loss(tmp_path, tiny_args, sft_ckpt, loss):
+    """30 steps on 16 built-in pairs written as JSONL (every step sees the same 16 pairs)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_data("arith")["train"][:16]))
+    main(tiny_args(loss, "--loss", loss, "--init", sft_ckpt, "--data", str(data), "--steps", "30",
+                   "--batch-size", "16", "--lr", "1e-3", "--eval-every", "30"))
+    log = train_rows(str(tmp_path / loss))
+    start = {"ipo": 25.0, "hinge": 1.0}.get(loss, math.log(2))  # step 1 starts at the reference
+    assert log[0]["loss"] == pytest.approx(start, abs=1e-4)
+    assert sum(r["loss"] for r in log[-5:]) / 5 < 0.9 * start
+    assert log[-1]["rewards/accuracies"] > 0.7
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected", "logratio/chosen", "penalty/active", "grad_norm",
+            "lr", "tokens_per_s"} <= log[-1].keys()
+
+
+def test_summary_on_built_in_data(tmp_path, tiny_args, sft_ckpt):
+    summary = main(tiny_args("dpop", "--loss", "dpop", "--init", sft_ckpt, "--steps", "2",
+                             "--batch-size", "4", "--eval-every", "2"))
+    trained = summary["trained"]
+    assert 0 <= trained["gen_accuracy"] <= 1 and 0 <= summary["reference"]["gen_accuracy"] <= 1
+    assert {"loss", "logratio/chosen", "logratio/rejected", "rewards/accuracies"} <= trained.keys()
+    with open(tmp_path / "dpop" / "summary.json") as f:
+        assert json.load(f) == summary
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_args, sft_ckpt):
+    """k micro-batches give the gradient of one batch k times the size (float32, atol 1e-6),
+    through the loop's own forward_backward; and the loop logs the same loss and grad norm."""
+    enc = load_tokenizer("byte")
+    pairs, _, _ = tokenize_pairs(builtin_data("arith")["train"][:8], enc, 48)
+    ckpt = load_checkpoint(sft_ckpt)
+    cfg = TrainConfig(loss="dpop", batch_size=8)
+    grads, logged = [], []
+    for k in (1, 2, 4):
+        policy = build_model(cfg, enc, ckpt)
+        ref = frozen_copy(policy)
+        batches = [collate(pairs[i:i + 8 // k], enc.eot_token) for i in range(0, 8, 8 // k)]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        logged.append(forward_backward(policy, ref, batches, cfg, nullcontext(), scaler))
+        grads.append({n: p.grad.clone() for n, p in policy.named_parameters()})
+    for g, stats in zip(grads[1:], logged[1:]):
+        for name in g:
+            torch.testing.assert_close(g[name], grads[0][name], atol=1e-6, rtol=1e-5)
+        assert stats["loss"] == pytest.approx(logged[0]["loss"], abs=1e-6)
+        assert stats["rewards/margins"] == pytest.approx(logged[0]["rewards/margins"], abs=1e-6)
+
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "2", "--lr", "1e-3", "--eval-every", "2")
+    main(tiny_args("big", *common, "--batch-size", "8"))
+    main(tiny_args("accum", *common, "--batch-size", "4", "--grad-accum", "2"))
+    for a, b in zip(train_rows(str(tmp_path / "big")), train_rows(str(tmp_path / "accum"))):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # doubles if not divided
+
+
+def test_reference_gets_no_gradients():
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48))
+    ref = frozen_copy(policy)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    enc = load_tokenizer("byte")
+    pairs, _, _ = tokenize_pairs(builtin_data("arith")["train"][:4], enc, 48)
+    batch = collate(pairs, enc.eot_token)
+    policy_c, policy_r = pair_logps(policy, batch, nullcontext())
+    with torch.no_grad():
+        ref_c, ref_r = pair_logps(ref, batch, nullcontext())
+    losses, _, _ = preference_loss(policy_c, policy_r, ref_c, ref_r)
+    losses.mean().backward()
+    assert not ref.training and all(p.grad is None and not p.requires_grad for p in ref.parameters())
+    assert all(p.grad is not None for p in policy.parameters())
+    opt = make_optimizer(policy, TrainConfig(lr=1e-3), torch.device("cpu"))
+    opt.step()
+    optimized = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in ref.parameters()}
+    assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_args, sft_ckpt, monkeypatch):
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "6", "--batch-size", "4",
+              "--lr", "1e-3", "--eval-every", "3")
+    main(tiny_args("straight", *common))
+
+    real_save = train.save_checkpoint
+
+    def save_then_crash(path, obj):
+        real_save(path, obj)
+        raise KeyboardInterrupt  # the process dies right after the step-3 checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_args("interrupted", *common))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert load_checkpoint(str(tmp_path / "interrupted" / "ckpt.pt"))["step"] == 3
+    main(tiny_args("interrupted", *common, "--resume"))
+
+    a, b = (load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("straight", "interrupted"))
+    assert b["step"] == 6 and b["done"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps_a = [(r["step"], r["loss"]) for r in train_rows(str(tmp_path / "straight"))]
+    steps_b = [(r["step"], r["loss"]) for r in train_rows(str(tmp_path / "interrupted"))]
+    assert steps_a == steps_b  # each step logged once, with identical values
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path, tiny_args, sft_ckpt, capsys):
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "2", "--batch-size", "4", "--eval-every", "2")
+    main(tiny_args("run", *common))
+    with pytest.raises(SystemExit) as err:
+        main(tiny_args("run", *common, "--resume", "--beta", "0.5"))
+    assert "another configuration: beta (0.1 -> 0.5)" in str(err.value)
+
+
+def test_default_pipeline_trains_the_sft_reference_then_reuses_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(train.STAGE_DEFAULTS, "sft", dict(steps=4, batch_size=8, lr=1e-3))
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48",
+            "--steps", "2", "--batch-size", "4", "--eval-every", "2"]
+    main(["--loss", "dpop", *tiny])
+    assert "stage 1: SFT reference" in capsys.readouterr().out
+    sft = load_checkpoint("out/sft-arith-seed1337/ckpt.pt")
+    assert sft["done"] and sft["step"] == 4
+    dpop = load_checkpoint("out/dpop-arith-seed1337/ckpt.pt")
+    assert dpop["config"]["init"] == os.path.join("out", "sft-arith-seed1337", "ckpt.pt")
+    main(["--loss", "dpo", *tiny])
+    assert "reusing the SFT reference" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_paths_run_on_cpu(tmp_path, tiny_args, sft_ckpt, dtype):
+    """CPU autocast and (for float16) the GradScaler branch, so a typo cannot hide until a GPU."""
+    summary = main(tiny_args(dtype, "--loss", "dpop", "--init", sft_ckpt, "--steps", "3",
+                             "--batch-size", "4", "--eval-every", "3", "--dtype", dtype))
+    assert math.isfinite(summary["trained"]["loss"])
+    ckpt = load_checkpoint(str(tmp_path / dtype / "ckpt.pt"))
+    assert ckpt["scaler"]["scale"] if dtype == "float16" else ckpt["scaler"] == {}
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # weights stay float32
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0"], "--beta must be positive"),
+    (["--lam", "-1"], "--lam must be zero or positive"),
+    (["--data", "missing.jsonl"], "missing.jsonl: cannot read the data file"),
+    (["--data", "arith-xl"], "not a built-in data set"),
+    (["--init", "nope.pt"], "nope.pt: checkpoint not found"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--dtype", "float8"], "--dtype float8: choose"),
+    (["--loss", "dpop", "--label-smoothing", "0.1"], "applies to --loss dpo only"),
+])
+def test_bad_flags_give_one_line_errors(tmp_path, tiny_args, sft_ckpt, flags, message):
+    init = [] if "--init" in flags else ["--init", sft_ckpt]
+    with pytest.raises(SystemExit) as err:
+        main(tiny_args("bad", "--steps", "1", *init, *flags))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, tiny_args, sft_ckpt):
+    ranks = tmp_path / "tiny.tiktoken"  # a valid ranks file with a 300-token vocabulary
+    ranks.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)) +
+                     "".join(f"{base64.b64encode(b'ab' + bytes([i])).decode()} {256 + i}\n" for i in range(43)))
+    with pytest.raises(SystemExit) as err:
+        main(tiny_args("vocab", "--init", sft_ckpt, "--tokenizer", str(ranks), "--steps", "1"))
+    assert "vocabulary of 257" in str(err.value) and "300" in str(err.value)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup=0.1, min_lr_ratio=0.1)
+    lrs = [get_lr(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warm-up
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)

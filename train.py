@@ -1,0 +1,541 @@
+"""Train a GPT with DPO, DPOP, IPO, a hinge loss, or plain SFT. The loop is the lesson: it is all here.
+
+    python train.py --loss dpop               # the demo: SFT reference (trained or reused), then DPOP
+    python train.py --loss dpo                # the same with DPO: watch logratio/chosen go negative
+    python train.py --loss sft                # only the SFT stage
+    python train.py --loss dpop --init out/sft-arith-seed1337/ckpt.pt --data pairs.jsonl
+    python train.py --help                    # every flag
+
+Without --init, a preference run first trains the SFT reference on the chosen completions of the
+same data (or reuses out/sft-<data>-seed<seed>/ckpt.pt when it is there), then trains the policy
+from it against a frozen copy of it, then prints a summary of reference vs trained.
+The maths lives in dpop.py, the data in data.py, the model in model.py.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from data import (BUILTIN, DataError, answer_of, batch_indices, builtin_data, collate,
+                  load_preferences, load_tokenizer, mean_edit_distance, tokenize_pairs)
+from dpop import LOSSES, preference_loss, preference_metrics, sequence_logps
+from model import GPT, GPTConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Every knob, with its default. Flags are generated from this dataclass (--batch-size for batch_size).
+
+@dataclass
+class TrainConfig:
+    # what to train
+    loss: str = "dpop"          # sft, or a preference loss: dpo, dpop, ipo, hinge
+    data: str = "arith"         # built-in data (arith, arith-hed) or a .jsonl file of prompt/chosen/rejected
+    tokenizer: str = "byte"     # byte (built-in), a tiktoken name (gpt2, ...) or a .tiktoken file
+    init: str = ""              # checkpoint to start from; empty: sft starts from random weights and
+                                # preference losses from the default SFT checkpoint (trained if missing)
+    out: str = ""               # output folder; empty: out/<loss>-<data>-seed<seed>
+    resume: bool = False        # continue from <out>/ckpt.pt
+    # optimisation; 0 means the default of the stage (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
+    steps: int = 0              # optimizer steps
+    batch_size: int = 0         # pairs (or SFT examples) per micro-batch
+    grad_accum: int = 1         # micro-batches per optimizer step
+    lr: float = 0.0             # peak learning rate
+    warmup: float = 0.1         # fraction of the steps spent warming the LR up, then cosine decay
+    min_lr_ratio: float = 0.1   # the LR decays to lr * min_lr_ratio
+    weight_decay: float = 0.1   # AdamW decay on matrices and embeddings only
+    grad_clip: float = 1.0      # clip the global grad norm to this (0: no clipping)
+    # the preference loss
+    beta: float = 0.1           # how far the policy may move from the reference
+    lam: float = 50.0           # DPOP's penalty weight (the paper's value)
+    label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels (dpo only)
+    # the SFT stage
+    sft_target_acc: float = 0.5  # stop SFT once held-out generation accuracy reaches this (0: never)
+    # the model, when it starts from random weights (otherwise the --init checkpoint's shape)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    # evaluation and logging
+    eval_every: int = 50        # evaluate and checkpoint every this many steps (and at the end)
+    log_every: int = 10         # print and record a metrics row every this many steps
+    seed: int = 1337
+    device: str = "auto"        # auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu
+    dtype: str = "auto"         # auto (bfloat16 on CUDA where supported, else float16; float32 elsewhere),
+                                # float32, bfloat16, float16 (float16 uses a GradScaler)
+
+
+STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
+                  "preference": dict(steps=300, batch_size=32, lr=2e-4)}
+# A run may change these on --resume; any other difference from the checkpoint's config is refused.
+RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"(see the comment in TrainConfig)"
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=help_text)
+        elif f.name == "loss":
+            p.add_argument(flag, default=f.default, choices=("sft",) + LOSSES, help=help_text)
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=help_text)
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def data_name(cfg):
+    return cfg.data if cfg.data in BUILTIN else os.path.splitext(os.path.basename(cfg.data))[0]
+
+
+def resolve(cfg):
+    """Fill the stage defaults and the output folder, and refuse values that cannot work."""
+    stage = STAGE_DEFAULTS["sft" if cfg.loss == "sft" else "preference"]
+    cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in stage.items()})
+    if not cfg.out:
+        kind = "sft-cont" if cfg.loss == "sft" and cfg.init else cfg.loss
+        cfg.out = os.path.join("out", f"{kind}-{data_name(cfg)}-seed{cfg.seed}")
+    for name in ("steps", "batch_size", "grad_accum", "lr", "beta", "eval_every", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lam < 0:
+        raise DataError(f"--lam must be zero or positive, got {cfg.lam}")
+    if cfg.label_smoothing and cfg.loss != "dpo":
+        raise DataError(f"--label-smoothing applies to --loss dpo only")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise DataError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: device and precision, data, model, checkpoints
+
+def setup_device(cfg):
+    """Pick the device and the precision context once: autocast where a low-precision dtype is
+    asked for, a null context for float32. The GradScaler is enabled only for float16."""
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    else:
+        device = cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+    if device not in ("cpu", "mps") and not device.startswith("cuda"):
+        raise DataError(f"--device {cfg.device}: choose auto, cuda, cuda:N, mps or cpu")
+    device = torch.device(device)
+    dtype_name = cfg.dtype
+    if dtype_name == "auto":
+        dtype_name = "float32" if device.type != "cuda" else (
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype_name not in dtypes:
+        raise DataError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+    dtype = dtypes[dtype_name]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed on Ampere and later
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    return device, dtype, ctx, scaler
+
+
+def load_data(cfg, enc, block_size):
+    """Tokenized train and eval pairs, and held-out problems with known answers (built-in data only)."""
+    if cfg.data in BUILTIN:
+        ds = builtin_data(cfg.data)
+        train_recs, eval_recs, test = ds["train"], ds["eval"], ds["test"]
+    elif cfg.data.endswith((".jsonl", ".json")) or os.path.exists(cfg.data):
+        records, n_identical = load_preferences(cfg.data)
+        if n_identical:
+            print(f"warning: skipped {n_identical} pairs of {cfg.data} whose chosen equals rejected")
+        random.Random(0).shuffle(records)  # hold out a fixed 5% (at most 256 pairs) for evaluation
+        n_eval = min(256, len(records) // 20)
+        train_recs, eval_recs, test = records[n_eval:], records[:n_eval], []
+    else:
+        raise DataError(f"--data {cfg.data}: not a built-in data set ({', '.join(BUILTIN)}) "
+                        f"nor an existing .jsonl file")
+    train, n_cut, n_drop = tokenize_pairs(train_recs, enc, block_size)
+    evals, n_cut_e, n_drop_e = tokenize_pairs(eval_recs, enc, block_size)
+    if not train:
+        raise DataError(f"{cfg.data}: no training pair fits a context of {block_size} tokens")
+    print(f"data {cfg.data}: {len(train)} train pairs, {len(evals)} eval pairs, {len(test)} test "
+          f"problems; {n_cut + n_cut_e} truncated, {n_drop + n_drop_e} dropped (no completion "
+          f"token or no difference left); mean normalised edit distance chosen vs rejected "
+          f"{mean_edit_distance(train):.3f}")
+    val = [(r["prompt"], answer_of(r["chosen"])) for r in eval_recs] if test else []
+    return train, evals, val, test
+
+
+def save_checkpoint(path, obj):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over
+    the old one. A crash at any moment leaves either the old checkpoint or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                        f"it may be truncated") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
+        raise DataError(f"{path}: not a checkpoint written by train.py")
+    return ckpt
+
+
+def build_model(cfg, enc, init_ckpt):
+    """The policy: the --init checkpoint's weights and shape, or random weights of cfg's shape."""
+    if init_ckpt is None:
+        gptconf = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        return GPT(gptconf)
+    gptconf = GPTConfig(**{**init_ckpt["model_config"], "dropout": cfg.dropout})
+    if gptconf.vocab_size != enc.n_vocab:
+        raise DataError(f"--init {cfg.init}: the model has a vocabulary of {gptconf.vocab_size} but "
+                        f"--tokenizer {cfg.tokenizer} has {enc.n_vocab}; use the checkpoint's "
+                        f"tokenizer ({init_ckpt['config'].get('tokenizer')})")
+    model = GPT(gptconf)
+    model.load_state_dict(init_ckpt["model"])
+    return model
+
+
+def frozen_copy(model):
+    """The reference model: a copy in eval mode whose parameters need no gradients. It is never
+    given to the optimizer and only ever run under no_grad."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; matrices and embeddings are decayed, biases and LayerNorm gains are not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=(device.type == "cuda"))
+
+
+def get_lr(step, cfg):
+    """Linear warm-up over the first warmup * steps steps, then cosine decay to min_lr_ratio * lr."""
+    warmup_steps = int(cfg.warmup * cfg.steps)
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, cfg.steps - warmup_steps)
+    coeff = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch through the models, and evaluation
+
+def pair_logps(model, batch, ctx):
+    """Summed completion log-probs of a collated batch: (chosen (B,), rejected (B,))."""
+    idx, targets, mask = batch
+    with ctx:
+        logits = model(idx)  # (2B, T, V)
+    logps = sequence_logps(logits, targets, mask)  # float32 whatever the autocast dtype
+    return logps.chunk(2)
+
+
+def sft_loss(model, batch, ctx):
+    """Mean negative log-likelihood per completion token of the chosen rows (standard SFT)."""
+    idx, targets, mask = (t[: len(t) // 2] for t in batch)  # chosen rows only
+    with ctx:
+        logits = model(idx)
+    return -sequence_logps(logits, targets, mask).sum() / mask.sum()
+
+
+def forward_backward(model, ref, batches, cfg, ctx, scaler):
+    """Accumulate the gradients of one optimizer step over its micro-batches. Each micro-batch's
+    loss is divided by their number, because accumulated gradients add up: the sum is then the
+    gradient of the mean over the global batch. Returns the metrics averaged the same way (the
+    true mean over micro-batches, not the last one's)."""
+    stats = {}
+    for batch in batches:
+        if cfg.loss == "sft":
+            loss = sft_loss(model, batch, ctx)
+            micro_stats = {"loss": loss.item()}
+        else:
+            policy_chosen, policy_rejected = pair_logps(model, batch, ctx)
+            with torch.no_grad():
+                ref_chosen, ref_rejected = pair_logps(ref, batch, ctx)
+            losses, chosen_rewards, rejected_rewards = preference_loss(
+                policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss=cfg.loss,
+                beta=cfg.beta, lam=cfg.lam, label_smoothing=cfg.label_smoothing)
+            loss = losses.mean()
+            micro_stats = {"loss": loss.item(), **preference_metrics(
+                chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, cfg.beta)}
+        scaler.scale(loss / len(batches)).backward()
+        for k, v in micro_stats.items():
+            stats[k] = stats.get(k, 0.0) + v / len(batches)
+    return stats
+
+
+def to_device(batch, device):
+    # pinned memory lets the copy to a GPU overlap with compute
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return tuple(t.to(device) for t in batch)
+
+
+@torch.no_grad()
+def all_pair_logps(model, pairs, enc, ctx, device, batch_size=64):
+    """Chosen and rejected log-probs of every pair, in order: two (N,) tensors on the CPU."""
+    model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        c, r = pair_logps(model, to_device(collate(pairs[i:i + batch_size], enc.eot_token), device), ctx)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@torch.no_grad()
+def generation_accuracy(model, enc, problems, ctx, device, max_new_tokens=48):
+    """Fraction of problems whose greedy completion states the right final answer. Prompts of
+    equal token length are decoded together as one batch (no padding needed)."""
+    model.eval()
+    by_length = {}
+    for prompt, answer in problems:
+        ids = [enc.eot_token] + enc.encode_ordinary(prompt)
+        by_length.setdefault(len(ids), []).append((ids, answer))
+    correct = 0
+    for n, group in by_length.items():
+        idx = torch.tensor([ids for ids, _ in group], device=device)
+        with ctx:
+            out = model.generate(idx, max_new_tokens, eos_id=enc.eot_token)
+        for row, (_, answer) in zip(out[:, n:].tolist(), group):
+            text = enc.decode([t for t in row if t != enc.eot_token])
+            correct += answer_of(text) == answer
+    return correct / max(1, len(problems))
+
+
+def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems):
+    """Held-out metrics: preference metrics on eval pairs (when there is a reference) and greedy
+    generation accuracy on held-out problems (when the data has known answers)."""
+    metrics = {}
+    if eval_pairs and ref_eval_logps is not None:
+        chosen, rejected = all_pair_logps(model, eval_pairs, enc, ctx, device)
+        loss_name = cfg.loss if cfg.loss != "sft" else "dpo"  # an SFT run still reports DPO's metrics
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            chosen, rejected, *ref_eval_logps, loss=loss_name, beta=cfg.beta, lam=cfg.lam,
+            label_smoothing=cfg.label_smoothing)
+        metrics["loss"] = losses.mean().item()
+        metrics.update(preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, cfg.beta))
+    if problems:
+        metrics["gen_accuracy"] = generation_accuracy(model, enc, problems, ctx, device)
+    model.train()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def check_resume(cfg, ckpt):
+    old = ckpt["config"]
+    differ = [k for k, v in dataclasses.asdict(cfg).items()
+              if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+    if differ:
+        what = ", ".join(f"{k} ({old.get(k)!r} -> {getattr(cfg, k)!r})" for k in differ)
+        raise DataError(f"--resume: {cfg.out}/ckpt.pt was made with another configuration: {what}; "
+                        f"use the same flags or another --out")
+
+
+def ensure_sft_reference(cfg):
+    """The path of the default SFT checkpoint for cfg's data and seed, trained first if missing."""
+    sft_cfg = resolve(dataclasses.replace(cfg, loss="sft", init="", out="", steps=0, batch_size=0,
+                                          lr=0.0, label_smoothing=0.0, resume=False))
+    path = os.path.join(sft_cfg.out, "ckpt.pt")
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("done"):
+            print(f"reusing the SFT reference {path} (delete it to train a new one)")
+            return path
+        sft_cfg.resume = True
+    print(f"=== stage 1: SFT reference -> {path}")
+    train(sft_cfg)
+    print(f"=== stage 2: {cfg.loss} from {path}")
+    return path
+
+
+def train(cfg):
+    """Train one stage as cfg says and return its final summary (a dict)."""
+    device, dtype, ctx, scaler = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    enc = load_tokenizer(cfg.tokenizer)
+    init_ckpt = load_checkpoint(cfg.init) if cfg.init else None
+    model = build_model(cfg, enc, init_ckpt).to(device)
+    block_size = model.config.block_size
+    train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, block_size)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
+          f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum} = batch size {cfg.batch_size} x "
+          f"grad accum {cfg.grad_accum}")
+
+    # The reference: a frozen copy of the starting model.
+    ref = frozen_copy(model) if init_ckpt is not None else None
+    ref_eval_logps = all_pair_logps(ref, eval_pairs, enc, ctx, device) if ref and eval_pairs else None
+    if cfg.loss == "sft":
+        ref = None  # SFT needs the reference only for the eval metrics computed just above
+
+    optimizer = make_optimizer(model, cfg, device)
+    ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
+    os.makedirs(cfg.out, exist_ok=True)
+    start_step = 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume(cfg, ckpt)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        start_step = ckpt["step"]
+        print(f"resumed from {ckpt_path} at step {start_step}")
+        rows = [r for r in open(metrics_path) if json.loads(r)["step"] <= start_step] \
+            if os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # drop rows logged after the checkpoint; they are redone
+            f.writelines(rows)
+    elif cfg.resume:
+        raise DataError(f"--resume: no checkpoint at {ckpt_path}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    def checkpoint(step, done):
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "done": done,
+            "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
+            "tokenizer": cfg.tokenizer,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+
+    model.train()
+    t_start, t_last, tokens_since, n_skipped = time.time(), time.time(), 0, 0
+    step = start_step
+    while step < cfg.steps:
+        # --- train step: grad_accum micro-batches, then one optimizer step
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        indices = batch_indices(len(train_pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+        micro_pairs = [[train_pairs[i] for i in indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
+                       for m in range(cfg.grad_accum)]
+        batches = [to_device(collate(pairs, enc.eot_token), device) for pairs in micro_pairs]
+        stats = forward_backward(model, ref, batches, cfg, ctx, scaler)
+        step_pairs = [pair for pairs in micro_pairs for pair in pairs]
+        tokens_since += sum(len(p) + len(c) for p, c, _ in step_pairs)
+        if cfg.loss != "sft":  # preference runs read the rejected rows too
+            tokens_since += sum(len(p) + len(r) for p, _, r in step_pairs)
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        scale = scaler.get_scale()
+        if torch.isfinite(grad_norm) or scaler.is_enabled():
+            scaler.step(optimizer)  # the GradScaler itself skips float16 steps with inf/NaN grads
+        else:
+            n_skipped += 1  # a non-finite gradient never reaches the weights
+        scaler.update()
+        n_skipped += scaler.get_scale() < scale  # the scaler lowers its scale when it skipped
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # --- log
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.time()
+            elapsed = now - t_start
+            row = {"step": step, **stats, "grad_norm": grad_norm.item(), "lr": lr,
+                   "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": n_skipped}
+            eta = elapsed / (step - start_step) * (cfg.steps - step)
+            print(format_row(row, cfg) + f" | eta {eta:.0f}s")
+            log_row(metrics_path, row)
+            t_last, tokens_since = now, 0
+
+        # --- eval and checkpoint
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
+            print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            stop_early = (cfg.loss == "sft" and cfg.sft_target_acc > 0
+                          and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
+            if stop_early:
+                print(f"SFT reached the target generation accuracy {cfg.sft_target_acc:.0%}: stopping")
+            checkpoint(step, done=stop_early or step == cfg.steps)
+            if stop_early:
+                break
+            t_last = time.time()  # tokens/s measures training only
+
+    print(f"{cfg.loss} finished {step} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
+    return summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval_logps,
+                     test_problems)
+
+
+def format_row(row, cfg):
+    """One log line: the failure DPOP targets (logratio/chosen < 0) stays in view."""
+    line = f"step {row['step']:4d} | loss {row['loss']:.4f}"
+    if cfg.loss != "sft":
+        line += (f" | margin {row['rewards/margins']:+.3f} | acc {row['rewards/accuracies']:.2f}"
+                 f" | dchosen {row['logratio/chosen']:+.2f} | drejected {row['logratio/rejected']:+.2f}"
+                 f" | penalty {row['penalty/active']:.2f}")
+    return line + (f" | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.1e}"
+                   f" | {row['tokens_per_s']:.0f} tok/s")
+
+
+def summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval_logps, problems):
+    """Reference vs trained on held-out data; printed, written to <out>/summary.json, returned."""
+    trained = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
+    summary = {"trained": trained}
+    if init_ckpt is not None:
+        start = build_model(cfg, enc, init_ckpt).to(device) if ref is None else ref
+        summary["reference"] = {"gen_accuracy": generation_accuracy(start, enc, problems, ctx, device)} \
+            if problems else {}
+    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"--- summary ({cfg.loss}, {len(eval_pairs)} held-out pairs, {len(problems)} held-out problems)")
+    if "gen_accuracy" in trained:
+        ref_acc = summary.get("reference", {}).get("gen_accuracy")
+        ref_txt = f"{ref_acc:6.1%}" if ref_acc is not None else "     -"
+        print(f"  generation accuracy        reference {ref_txt}   trained {trained['gen_accuracy']:6.1%}")
+    if "logratio/chosen" in trained:
+        print(f"  chosen log-prob change     {trained['logratio/chosen']:+8.2f} nats"
+              f"   (trained {trained['logps/chosen']:.2f} vs reference {ref_eval_logps[0].mean():.2f})")
+        print(f"  rejected log-prob change   {trained['logratio/rejected']:+8.2f} nats"
+              f"   (trained {trained['logps/rejected']:.2f} vs reference {ref_eval_logps[1].mean():.2f})")
+        print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
+        print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
+    return summary
+
+
+def main(argv=None):
+    try:
+        cfg = resolve(parse_args(argv))
+        if cfg.loss != "sft" and not cfg.init:
+            cfg.init = ensure_sft_reference(cfg)
+        return train(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
