@@ -32,46 +32,53 @@ from model import GPT, GPTConfig
 
 
 # ---------------------------------------------------------------------------------------------
-# Every knob, with its default. Flags are generated from this dataclass (--batch-size for batch_size).
+# Every knob, with its default and its --help text. Flags are generated from this dataclass
+# (--batch-size for batch_size).
+
+def knob(default, help):
+    return dataclasses.field(default=default, metadata={"help": help})
+
 
 @dataclass
 class TrainConfig:
     # what to train
-    loss: str = "dpop"          # sft, or a preference loss: dpo, dpop, ipo, hinge
-    data: str = "arith"         # built-in data (arith, arith-hed) or a .jsonl file of prompt/chosen/rejected
-    tokenizer: str = "byte"     # byte (built-in), a tiktoken name (gpt2, ...) or a .tiktoken file
-    init: str = ""              # checkpoint to start from; empty: sft starts from random weights and
-                                # preference losses from the default SFT checkpoint (trained if missing)
-    out: str = ""               # output folder; empty: out/<loss>-<data>-seed<seed>
-    resume: bool = False        # continue from <out>/ckpt.pt
-    # optimisation; 0 means the default of the stage (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
-    steps: int = 0              # optimizer steps
-    batch_size: int = 0         # pairs (or SFT examples) per micro-batch
-    grad_accum: int = 1         # micro-batches per optimizer step
-    lr: float = 0.0             # peak learning rate
-    warmup: float = 0.1         # fraction of the steps spent warming the LR up, then cosine decay
-    min_lr_ratio: float = 0.1   # the LR decays to lr * min_lr_ratio
-    weight_decay: float = 0.1   # AdamW decay on matrices and embeddings only
-    grad_clip: float = 1.0      # clip the global grad norm to this (0: no clipping)
+    loss: str = knob("dpop", "sft, or a preference loss: dpo, dpop, ipo, hinge")
+    data: str = knob("arith", "built-in data (arith; arith-hed, the high-edit-distance control) "
+                              "or a .jsonl file of prompt/chosen/rejected")
+    tokenizer: str = knob("byte", "byte (built-in), a tiktoken name (gpt2, ...) or a .tiktoken file")
+    init: str = knob("", "checkpoint to start from; empty: sft starts from random weights, and "
+                         "preference losses from the default SFT checkpoint (trained if missing)")
+    out: str = knob("", "output folder; empty: out/<loss>-<data>-seed<seed>")
+    resume: bool = knob(False, "continue from <out>/ckpt.pt")
+    # optimisation; 0 means the stage's default (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
+    steps: int = knob(0, "optimizer steps (0: the stage default)")
+    batch_size: int = knob(0, "pairs (or SFT examples) per micro-batch (0: the stage default)")
+    grad_accum: int = knob(1, "micro-batches per optimizer step")
+    lr: float = knob(0.0, "peak learning rate (0: the stage default)")
+    warmup: float = knob(0.1, "fraction of the steps spent warming the LR up; then cosine decay")
+    min_lr_ratio: float = knob(0.1, "the LR decays to lr * min_lr_ratio")
+    weight_decay: float = knob(0.1, "AdamW decay, on matrices and embeddings only")
+    grad_clip: float = knob(1.0, "clip the global grad norm to this (0: no clipping)")
     # the preference loss
-    beta: float = 0.1           # how far the policy may move from the reference
-    lam: float = 50.0           # DPOP's penalty weight (the paper's value)
-    label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped labels (dpo only)
+    beta: float = knob(0.1, "how far the policy may move from the reference")
+    lam: float = knob(50.0, "DPOP's penalty weight (the paper's value)")
+    label_smoothing: float = knob(0.0, "conservative DPO: assumed fraction of flipped labels")
     # the SFT stage
-    sft_target_acc: float = 0.5  # stop SFT once held-out generation accuracy reaches this (0: never)
+    sft_target_acc: float = knob(0.5, "stop SFT once held-out generation accuracy reaches this "
+                                      "(built-in data; 0: never)")
     # the model, when it starts from random weights (otherwise the --init checkpoint's shape)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
+    n_layer: int = knob(4, "transformer blocks")
+    n_head: int = knob(4, "attention heads")
+    n_embd: int = knob(128, "width")
+    block_size: int = knob(64, "context length in tokens")
+    dropout: float = knob(0.0, "dropout probability")
     # evaluation and logging
-    eval_every: int = 50        # evaluate and checkpoint every this many steps (and at the end)
-    log_every: int = 10         # print and record a metrics row every this many steps
-    seed: int = 1337
-    device: str = "auto"        # auto (cuda, then mps, then cpu), cuda, cuda:N, mps, cpu
-    dtype: str = "auto"         # auto (bfloat16 on CUDA where supported, else float16; float32 elsewhere),
-                                # float32, bfloat16, float16 (float16 uses a GradScaler)
+    eval_every: int = knob(50, "evaluate and checkpoint every this many steps (and at the end)")
+    log_every: int = knob(10, "print and record a metrics row every this many steps")
+    seed: int = knob(1337, "seed of the weights' init and of the data order")
+    device: str = knob("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    dtype: str = knob("auto", "auto (bfloat16 on CUDA where supported, else float16; float32 "
+                              "elsewhere), float32, bfloat16 or float16 (with a GradScaler)")
 
 
 STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
@@ -85,7 +92,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"(see the comment in TrainConfig)"
+        help_text = f.metadata["help"]
         if f.type is bool:
             p.add_argument(flag, action="store_true", help=help_text)
         elif f.name == "loss":
