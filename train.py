@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -50,15 +51,17 @@ class TrainConfig:
                          "preference losses from the default SFT checkpoint (trained if missing)")
     out: str = knob("", "output folder; empty: out/<loss>-<data>-seed<seed>")
     resume: bool = knob(False, "continue from <out>/ckpt.pt")
-    # optimisation; 0 means the stage's default (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
-    steps: int = knob(0, "optimizer steps (0: the stage default)")
-    batch_size: int = knob(0, "pairs (or SFT examples) per micro-batch (0: the stage default)")
+    # optimisation; None: the stage's default (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
+    steps: int = knob(None, "optimizer steps (default: the stage's)")
+    batch_size: int = knob(None, "pairs (or SFT examples) per micro-batch (default: the stage's)")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
-    lr: float = knob(0.0, "peak learning rate (0: the stage default)")
+    lr: float = knob(None, "peak learning rate (default: the stage's)")
     warmup: float = knob(0.1, "fraction of the steps spent warming the LR up; then cosine decay")
     min_lr_ratio: float = knob(0.1, "the LR decays to lr * min_lr_ratio")
     weight_decay: float = knob(0.1, "AdamW decay, on matrices and embeddings only")
     grad_clip: float = knob(1.0, "clip the global grad norm to this (0: no clipping)")
+    max_bad_steps: int = knob(10, "stop after this many steps in a row with a non-finite loss or "
+                                  "gradient (each one is skipped)")
     # the preference loss
     beta: float = knob(0.1, "how far the policy may move from the reference")
     lam: float = knob(50.0, "DPOP's penalty weight (the paper's value)")
@@ -84,12 +87,19 @@ class TrainConfig:
 STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
                   "preference": dict(steps=300, batch_size=32, lr=2e-4)}
 # A run may change these on --resume; any other difference from the checkpoint's config is refused.
-RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc"}
+RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
+                     "max_bad_steps", "out"}
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        sys.exit(f"error: {message} (see python train.py --help)")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
@@ -109,11 +119,12 @@ def data_name(cfg):
 def resolve(cfg):
     """Fill the stage defaults and the output folder, and refuse values that cannot work."""
     stage = STAGE_DEFAULTS["sft" if cfg.loss == "sft" else "preference"]
-    cfg = dataclasses.replace(cfg, **{k: getattr(cfg, k) or v for k, v in stage.items()})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in stage.items() if getattr(cfg, k) is None})
     if not cfg.out:
         kind = "sft-cont" if cfg.loss == "sft" and cfg.init else cfg.loss
         cfg.out = os.path.join("out", f"{kind}-{data_name(cfg)}-seed{cfg.seed}")
-    for name in ("steps", "batch_size", "grad_accum", "lr", "beta", "eval_every", "log_every"):
+    for name in ("steps", "batch_size", "grad_accum", "lr", "beta", "eval_every", "log_every",
+                 "max_bad_steps"):
         if getattr(cfg, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.lam < 0:
@@ -216,13 +227,26 @@ def build_model(cfg, enc, init_ckpt):
                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
         return GPT(gptconf)
     gptconf = GPTConfig(**{**init_ckpt["model_config"], "dropout": cfg.dropout})
+    for name in MODEL_SHAPE:  # the checkpoint decides the shape; a flag that contradicts it is an error
+        asked, default = getattr(cfg, name), TrainConfig.__dataclass_fields__[name].default
+        if asked != default and asked != getattr(gptconf, name):
+            raise DataError(f"--{name.replace('_', '-')} {asked}, but --init {cfg.init} has "
+                            f"{name} {getattr(gptconf, name)}; drop the flag")
     if gptconf.vocab_size != enc.n_vocab:
         raise DataError(f"--init {cfg.init}: the model has a vocabulary of {gptconf.vocab_size} but "
                         f"--tokenizer {cfg.tokenizer} has {enc.n_vocab}; use the checkpoint's "
                         f"tokenizer ({init_ckpt['config'].get('tokenizer')})")
     model = GPT(gptconf)
-    model.load_state_dict(init_ckpt["model"])
+    load_weights(model, init_ckpt["model"], cfg.init)
     return model
+
+
+def load_weights(model, state_dict, path):
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise DataError(f"{path}: the weights do not fit the model ({first})") from None
 
 
 def frozen_copy(model):
@@ -370,21 +394,54 @@ def check_resume(cfg, ckpt):
                         f"use the same flags or another --out")
 
 
+def restore(cfg, ckpt_path, model, optimizer, scaler):
+    """Load a --resume checkpoint into the run; return its step (0 when there is none yet)."""
+    if not os.path.exists(ckpt_path):
+        print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
+        return 0
+    ckpt = load_checkpoint(ckpt_path)
+    check_resume(cfg, ckpt)
+    load_weights(model, ckpt["model"], ckpt_path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
 def ensure_sft_reference(cfg):
     """The path of the default SFT checkpoint for cfg's data and seed, trained first if missing."""
-    sft_cfg = resolve(dataclasses.replace(cfg, loss="sft", init="", out="", steps=0, batch_size=0,
-                                          lr=0.0, label_smoothing=0.0, resume=False))
+    # the SFT recipe is the defaults; only what says which data, model and machine carries over
+    keep = ("data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
+            "sft_target_acc", "max_bad_steps", "dropout") + MODEL_SHAPE
+    sft_cfg = resolve(TrainConfig(loss="sft", **{k: getattr(cfg, k) for k in keep}))
     path = os.path.join(sft_cfg.out, "ckpt.pt")
-    if os.path.exists(path):
-        ckpt = load_checkpoint(path)
-        if ckpt.get("done"):
-            print(f"reusing the SFT reference {path} (delete it to train a new one)")
-            return path
-        sft_cfg.resume = True
+    sft_cfg.resume = os.path.exists(path)  # an SFT run that was interrupted continues
+    if sft_cfg.resume and load_checkpoint(path).get("done"):
+        print(f"reusing the SFT reference {path} (delete it to train a new one)")
+        return path
     print(f"=== stage 1: SFT reference -> {path}")
     train(sft_cfg)
     print(f"=== stage 2: {cfg.loss} from {path}")
     return path
+
+
+def catch_signals():
+    """Ctrl-C (SIGINT) and SIGTERM set a flag instead of killing the run: the loop finishes its
+    step, checkpoints and exits. A second signal stops at once (the last checkpoint stays intact,
+    since checkpoints are written atomically). Returns the flag (a list) and a function that puts
+    the previous handlers back."""
+    caught = []
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              f"(send it again to stop at once)", flush=True)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    return caught, lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def train(cfg):
@@ -395,8 +452,7 @@ def train(cfg):
     enc = load_tokenizer(cfg.tokenizer)
     init_ckpt = load_checkpoint(cfg.init) if cfg.init else None
     model = build_model(cfg, enc, init_ckpt).to(device)
-    block_size = model.config.block_size
-    train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, block_size)
+    train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, model.config.block_size)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
           f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum} = batch size {cfg.batch_size} x "
@@ -411,25 +467,10 @@ def train(cfg):
     optimizer = make_optimizer(model, cfg, device)
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
     os.makedirs(cfg.out, exist_ok=True)
-    start_step = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume(cfg, ckpt)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        random.setstate(ckpt["rng"]["python"])
-        start_step = ckpt["step"]
-        print(f"resumed from {ckpt_path} at step {start_step}")
-        rows = [r for r in open(metrics_path) if json.loads(r)["step"] <= start_step] \
-            if os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:  # drop rows logged after the checkpoint; they are redone
-            f.writelines(rows)
-    elif cfg.resume:
-        raise DataError(f"--resume: no checkpoint at {ckpt_path}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    start_step = restore(cfg, ckpt_path, model, optimizer, scaler) if cfg.resume else 0
+    old_rows = open(metrics_path).readlines() if start_step and os.path.exists(metrics_path) else []
+    with open(metrics_path, "w") as f:  # keep the rows up to the checkpoint; later ones are redone
+        f.writelines(r for r in old_rows if json.loads(r)["step"] <= start_step)
 
     def checkpoint(step, done):
         save_checkpoint(ckpt_path, {
@@ -440,58 +481,77 @@ def train(cfg):
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
     model.train()
-    t_start, t_last, tokens_since, n_skipped = time.time(), time.time(), 0, 0
+    caught, restore_signals = catch_signals()
+    t_start = t_last = time.time()
+    tokens_since, n_skipped, n_overflow, bad_in_a_row = 0, 0, 0, 0
     step = start_step
-    while step < cfg.steps:
-        # --- train step: grad_accum micro-batches, then one optimizer step
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        indices = batch_indices(len(train_pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
-        micro_pairs = [[train_pairs[i] for i in indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
-                       for m in range(cfg.grad_accum)]
-        batches = [to_device(collate(pairs, enc.eot_token), device) for pairs in micro_pairs]
-        stats = forward_backward(model, ref, batches, cfg, ctx, scaler)
-        step_pairs = [pair for pairs in micro_pairs for pair in pairs]
-        tokens_since += sum(len(p) + len(c) for p, c, _ in step_pairs)
-        if cfg.loss != "sft":  # preference runs read the rejected rows too
-            tokens_since += sum(len(p) + len(r) for p, _, r in step_pairs)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        scale = scaler.get_scale()
-        if torch.isfinite(grad_norm) or scaler.is_enabled():
-            scaler.step(optimizer)  # the GradScaler itself skips float16 steps with inf/NaN grads
-        else:
-            n_skipped += 1  # a non-finite gradient never reaches the weights
-        scaler.update()
-        n_skipped += scaler.get_scale() < scale  # the scaler lowers its scale when it skipped
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+    try:
+        while step < cfg.steps:
+            # --- train step: grad_accum micro-batches, then one optimizer step
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            indices = batch_indices(len(train_pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
+            micro_pairs = [[train_pairs[i] for i in indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
+                           for m in range(cfg.grad_accum)]
+            batches = [to_device(collate(pairs, enc.eot_token), device) for pairs in micro_pairs]
+            stats = forward_backward(model, ref, batches, cfg, ctx, scaler)
+            step_pairs = [pair for pairs in micro_pairs for pair in pairs]
+            tokens_since += sum(len(p) + len(c) for p, c, _ in step_pairs)
+            if cfg.loss != "sft":  # preference runs read the rejected rows too
+                tokens_since += sum(len(p) + len(r) for p, _, r in step_pairs)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            # A non-finite loss or gradient never reaches the weights: the step is skipped. With
+            # float16, overflowing gradients are the GradScaler's to skip (it then lowers its scale).
+            finite = math.isfinite(stats["loss"]) and (scaler.is_enabled() or torch.isfinite(grad_norm))
+            scale = scaler.get_scale()
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+            n_overflow += finite and scaler.get_scale() < scale
+            n_skipped += not finite
+            bad_in_a_row = 0 if finite else bad_in_a_row + 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bad_in_a_row >= cfg.max_bad_steps:
+                sys.exit(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                         f"(up to step {step}); stopped. The last good checkpoint is {ckpt_path}; "
+                         f"try a lower --lr, or --dtype float32")
 
-        # --- log
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.time()
-            elapsed = now - t_start
-            row = {"step": step, **stats, "grad_norm": grad_norm.item(), "lr": lr,
-                   "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": n_skipped}
-            eta = elapsed / (step - start_step) * (cfg.steps - step)
-            print(format_row(row, cfg) + f" | eta {eta:.0f}s")
-            log_row(metrics_path, row)
-            t_last, tokens_since = now, 0
+            # --- log
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.time()
+                row = {"step": step, **stats, "grad_norm": grad_norm.item(), "lr": lr,
+                       "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": n_skipped,
+                       "overflow_steps": n_overflow}
+                eta = (now - t_start) / (step - start_step) * (cfg.steps - step)
+                print(format_row(row, cfg) + f" | eta {eta:.0f}s")
+                log_row(metrics_path, row)
+                t_last, tokens_since = now, 0
 
-        # --- eval and checkpoint
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
-            print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-            stop_early = (cfg.loss == "sft" and cfg.sft_target_acc > 0
-                          and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
-            if stop_early:
-                print(f"SFT reached the target generation accuracy {cfg.sft_target_acc:.0%}: stopping")
-            checkpoint(step, done=stop_early or step == cfg.steps)
-            if stop_early:
-                break
-            t_last = time.time()  # tokens/s measures training only
+            # --- eval and checkpoint
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
+                print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+                stop_early = (cfg.loss == "sft" and cfg.sft_target_acc > 0
+                              and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
+                if stop_early:
+                    print(f"SFT reached the target generation accuracy {cfg.sft_target_acc:.0%}: stopping")
+                checkpoint(step, done=stop_early or step == cfg.steps)
+                if stop_early:
+                    break
+                t_last = time.time()  # tokens/s measures training only
+
+            # --- interrupted: checkpoint this step and leave
+            if caught:
+                checkpoint(step, done=False)
+                print(f"stopped at step {step} by {signal.Signals(caught[0]).name}; checkpoint "
+                      f"{ckpt_path}. To continue, run the same command with --resume")
+                sys.exit(128 + caught[0])
+    finally:
+        restore_signals()
 
     print(f"{cfg.loss} finished {step} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
     return summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval_logps,

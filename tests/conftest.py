@@ -19,3 +19,23 @@ def tiny_args(tmp_path):
         return [*TINY_MODEL, "--out", str(tmp_path / out_name), "--sft-target-acc", "0",
                 "--log-every", "1", *extra]
     return make
+
+
+@pytest.fixture(scope="session")
+def sft_ckpt(tmp_path_factory):
+    """A tiny SFT model trained for a second or two: the reference for preference runs."""
+    from train import main
+    out = tmp_path_factory.mktemp("sft")
+    main(["--loss", "sft", "--steps", "60", "--batch-size", "32", "--lr", "3e-3",
+          "--eval-every", "60", "--out", str(out), *TINY_MODEL, "--sft-target-acc", "0"])
+    return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
+def small_pairs(tmp_path_factory):
+    """64 built-in pairs as a JSONL file: quick to load, and no generation eval (no answers)."""
+    import json
+    from data import builtin_data
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in builtin_data("arith")["train"][:64]))
+    return str(path)

@@ -25,16 +25,6 @@ def train_rows(out):
     return [r for r in rows(out) if "loss" in r]
 
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    """A tiny SFT model trained for a few seconds: the reference for the preference runs."""
-    out = tmp_path_factory.mktemp("sft")
-    main(["--loss", "sft", "--steps", "60", "--batch-size", "32", "--lr", "3e-3",
-          "--eval-every", "60", "--sft-target-acc", "0", "--out", str(out), "--n-layer", "1",
-          "--n-head", "2", "--n-embd", "32", "--block-size", "48"])
-    return str(out / "ckpt.pt")
-
-
 def test_sft_lowers_the_loss(sft_ckpt):
     log = train_rows(os.path.dirname(sft_ckpt))
     assert len(log) == 6 and log[-1]["loss"] < 0.6 * log[0]["loss"]
@@ -120,9 +110,10 @@ def test_reference_gets_no_gradients():
     assert all(torch.equal(v, before[k]) for k, v in ref.state_dict().items())
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_args, sft_ckpt, monkeypatch):
-    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "6", "--batch-size", "4",
-              "--lr", "1e-3", "--eval-every", "3")
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_args, sft_ckpt,
+                                                               small_pairs, monkeypatch):
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "6",
+              "--batch-size", "4", "--lr", "1e-3", "--eval-every", "3")
     main(tiny_args("straight", *common))
 
     real_save = train.save_checkpoint
@@ -169,10 +160,10 @@ def test_default_pipeline_trains_the_sft_reference_then_reuses_it(tmp_path, monk
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_low_precision_paths_run_on_cpu(tmp_path, tiny_args, sft_ckpt, dtype):
+def test_low_precision_paths_run_on_cpu(tmp_path, tiny_args, sft_ckpt, small_pairs, dtype):
     """CPU autocast and (for float16) the GradScaler branch, so a typo cannot hide until a GPU."""
-    summary = main(tiny_args(dtype, "--loss", "dpop", "--init", sft_ckpt, "--steps", "3",
-                             "--batch-size", "4", "--eval-every", "3", "--dtype", dtype))
+    summary = main(tiny_args(dtype, "--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs,
+                             "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--dtype", dtype))
     assert math.isfinite(summary["trained"]["loss"])
     ckpt = load_checkpoint(str(tmp_path / dtype / "ckpt.pt"))
     assert ckpt["scaler"]["scale"] if dtype == "float16" else ckpt["scaler"] == {}

@@ -1,0 +1,169 @@
+"""Bad input, interruption and numerical faults: one-line errors, nothing lost."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, TINY_MODEL
+from train import load_checkpoint, main
+
+
+def error_of(argv):
+    """Run main(argv), expect it to stop, and return its one-line message."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    message = str(err.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--loss", "kto"], "argument --loss: invalid choice: 'kto'"),
+    (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+    (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be positive"),
+    (["--grad-accum", "0"], "--grad-accum must be positive"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--beta", "-0.1"], "--beta must be positive"),
+    (["--lam", "-5"], "--lam must be zero or positive"),
+    (["--tokenizer", "nope"], "--tokenizer 'nope': not 'byte'"),
+    (["--n-layer", "2"], "--n-layer 2, but --init"),
+])
+def test_bad_flags(tiny_args, sft_ckpt, flags, message):
+    assert message in error_of(tiny_args("bad", "--init", sft_ckpt, "--steps", "1", *flags))
+
+
+def test_bad_checkpoints(tmp_path, tiny_args, sft_ckpt):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(sft_ckpt, "rb").read()[:5000])
+    assert "not a readable checkpoint" in error_of(tiny_args("x", "--init", str(truncated)))
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    assert "not a readable checkpoint" in error_of(tiny_args("x", "--init", str(text)))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": 1}, other)
+    assert "not a checkpoint written by train.py" in error_of(tiny_args("x", "--init", str(other)))
+    broken = tmp_path / "broken.pt"
+    ckpt = load_checkpoint(sft_ckpt)
+    ckpt["model"].pop("transformer.ln_f.weight")
+    torch.save(ckpt, broken)
+    assert "the weights do not fit the model" in error_of(tiny_args("x", "--init", str(broken)))
+
+
+def test_data_file_problems(tmp_path, tiny_args, sft_ckpt, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert "empty.jsonl: no preference pairs" in error_of(tiny_args("x", "--init", sft_ckpt,
+                                                                    "--data", str(empty)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "2"}) + "\n" +
+                     "".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1),
+                                         "rejected": str(i + 2)}) + "\n" for i in range(20)))
+    main(tiny_args("ok", "--init", sft_ckpt, "--data", str(pairs), "--steps", "1", "--batch-size", "4"))
+    assert "skipped 1 pairs" in capsys.readouterr().out
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_args, sft_ckpt, monkeypatch):
+    real_loss = train.preference_loss
+    calls = []
+
+    def sometimes_nan(*args, **kwargs):
+        losses, c, r = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (losses * float("nan") if len(calls) in (2, 3) else losses), c, r
+    monkeypatch.setattr(train, "preference_loss", sometimes_nan)
+    main(tiny_args("nan", "--loss", "dpop", "--init", sft_ckpt, "--steps", "5", "--batch-size", "4",
+                   "--eval-every", "100"))
+    rows = [json.loads(r) for r in open(tmp_path / "nan" / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 1, 2, 2, 2]
+    weights = load_checkpoint(str(tmp_path / "nan" / "ckpt.pt"))["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
+        tmp_path, tiny_args, sft_ckpt, monkeypatch):
+    args = tiny_args("bad", "--loss", "dpo", "--init", sft_ckpt, "--steps", "20", "--batch-size", "4",
+                     "--eval-every", "2", "--max-bad-steps", "3")
+    real_loss = train.preference_loss
+    calls = []
+
+    def nan_after_four(*args, **kwargs):
+        losses, c, r = real_loss(*args, **kwargs)
+        calls.extend([1] if losses.requires_grad else [])  # count training steps, not evaluations
+        return (losses if len(calls) <= 4 else losses * float("nan")), c, r
+    monkeypatch.setattr(train, "preference_loss", nan_after_four)
+    message = error_of(args)
+    assert "3 steps in a row had a non-finite loss or gradient (up to step 7)" in message
+    ckpt = load_checkpoint(str(tmp_path / "bad" / "ckpt.pt"))
+    assert ckpt["step"] == 6 and not ckpt["done"]  # step 6's weights are those of step 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: signals and kill -9
+
+def run_args(out, *extra):
+    return [sys.executable, "train.py", *TINY_MODEL, "--sft-target-acc", "0", "--log-every", "1",
+            "--out", str(out), *extra]
+
+
+def start_and_signal(argv, metrics, sig, after_rows=5):
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= after_rows:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=60)
+    return proc.returncode, output
+
+
+def comparable(out):
+    """The metrics rows without the timing field, which differs from run to run."""
+    rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_resumes_bitwise(tmp_path, sft_ckpt, small_pairs, sig):
+    common = ["--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "150",
+              "--batch-size", "8", "--lr", "1e-3", "--eval-every", "50"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    subprocess.run(run_args(straight, *common), cwd=ROOT, check=True, capture_output=True)
+
+    code, output = start_and_signal(run_args(interrupted, *common),
+                                    str(interrupted / "metrics.jsonl"), sig)
+    assert code == 128 + sig, output
+    stopped = load_checkpoint(str(interrupted / "ckpt.pt"))
+    assert 5 <= stopped["step"] < 150 and not stopped["done"]
+    assert f"stopped at step {stopped['step']}" in output and "Traceback" not in output
+    subprocess.run(run_args(interrupted, *common, "--resume"), cwd=ROOT, check=True, capture_output=True)
+
+    a, b = load_checkpoint(str(straight / "ckpt.pt")), load_checkpoint(str(interrupted / "ckpt.pt"))
+    assert b["done"] and b["step"] == 150
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"])
+               for i in a["optimizer"]["state"])
+    assert comparable(straight) == comparable(interrupted)
+
+
+def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, sft_ckpt, small_pairs):
+    """A checkpoint at every step, and kill -9 at five moments: each time ckpt.pt loads."""
+    out = tmp_path / "run"
+    argv = run_args(out, "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "100000",
+                    "--batch-size", "4",
+                    "--eval-every", "1")
+    steps = []
+    for after_rows in (3, 6, 9, 12, 15):
+        code, _ = start_and_signal(argv + (["--resume"] if steps else []), str(out / "metrics.jsonl"),
+                                   signal.SIGKILL, after_rows)
+        assert code == -signal.SIGKILL
+        steps.append(load_checkpoint(str(out / "ckpt.pt"))["step"])
+    assert steps == sorted(steps) and steps[0] >= 1
