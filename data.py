@@ -63,6 +63,23 @@ def load_tokenizer(spec):
 # ---------------------------------------------------------------------------------------------
 # Records from JSON Lines
 
+def split_shared_prompt(chosen, rejected):
+    """The implicit-prompt form (Anthropic HH style): two full texts whose shared beginning is the
+    prompt. The longest common prefix is cut back to just before its last whitespace character,
+    so that the completions start where a word does and GPT-2's pre-tokenizer, which starts a
+    word's token at the space before it, splits the prompt exactly where it splits the whole text.
+        split_shared_prompt("Human: 2+2? Assistant: It is 4", "Human: 2+2? Assistant: It is 5")
+        -> ("Human: 2+2? Assistant: It is", " 4", " 5")
+    """
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    n = max(0, n - 1)  # before the whitespace
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
 def load_preferences(path):
     """Read preference pairs from a JSON Lines file.
 
@@ -70,6 +87,9 @@ def load_preferences(path):
     (other fields are ignored). A UTF-8 byte-order mark and Windows line endings are accepted.
     Example line:
         {"prompt": "12+30=", "chosen": "2+0=2; 1+3=4; answer 42", "rejected": "2+0=3; 1+3=4; answer 42"}
+    A line without "prompt" holds two full texts, and their shared beginning is the prompt
+    (see split_shared_prompt):
+        {"chosen": "Human: Hi! Assistant: Hello.", "rejected": "Human: Hi! Assistant: Go away."}
 
     Args:
         path: the file.
@@ -101,7 +121,8 @@ def load_preferences(path):
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected")
-        for field in ("prompt", "chosen", "rejected"):
+        fields = ("prompt", "chosen", "rejected") if "prompt" in obj else ("chosen", "rejected")
+        for field in fields:
             if field not in obj:
                 raise DataError(f"{where}: missing field {field!r}")
             if not isinstance(obj[field], str):
@@ -112,7 +133,11 @@ def load_preferences(path):
         if obj["chosen"] == obj["rejected"]:
             n_identical += 1
             continue
-        records.append({k: obj[k] for k in ("prompt", "chosen", "rejected")})
+        if "prompt" in obj:
+            records.append({k: obj[k] for k in fields})
+        else:
+            prompt, chosen, rejected = split_shared_prompt(obj["chosen"], obj["rejected"])
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     if not records:
         raise DataError(f"{path}: no preference pairs in the file")
     return records, n_identical

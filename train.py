@@ -29,7 +29,7 @@ import torch
 from data import (BUILTIN, DataError, answer_of, batch_indices, builtin_data, collate,
                   load_preferences, load_tokenizer, mean_edit_distance, tokenize_pairs)
 from dpop import LOSSES, preference_loss, preference_metrics, sequence_logps
-from model import GPT, GPTConfig
+from model import GPT, GPT2_SIZES, GPTConfig, load_hf_gpt2, save_hf_gpt2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +51,8 @@ class TrainConfig:
                          "preference losses from the default SFT checkpoint (trained if missing)")
     out: str = knob("", "output folder; empty: out/<loss>-<data>-seed<seed>")
     resume: bool = knob(False, "continue from <out>/ckpt.pt")
+    export_hf: str = knob("", "after training, also write the model as a Hugging Face GPT-2 "
+                              "checkpoint (config.json, model.safetensors) into this folder")
     # optimisation; None: the stage's default (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
     steps: int = knob(None, "optimizer steps (default: the stage's)")
     batch_size: int = knob(None, "pairs (or SFT examples) per micro-batch (default: the stage's)")
@@ -80,6 +82,7 @@ class TrainConfig:
     log_every: int = knob(10, "print and record a metrics row every this many steps")
     seed: int = knob(1337, "seed of the weights' init and of the data order")
     device: str = knob("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
+    compile: bool = knob(False, "torch.compile the policy for training (pays off on a GPU)")
     dtype: str = knob("auto", "auto (bfloat16 on CUDA where supported, else float16; float32 "
                               "elsewhere), float32, bfloat16 or float16 (with a GradScaler)")
 
@@ -88,7 +91,7 @@ STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
                   "preference": dict(steps=300, batch_size=32, lr=2e-4)}
 # A run may change these on --resume; any other difference from the checkpoint's config is refused.
 RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
-                     "max_bad_steps", "out"}
+                     "max_bad_steps", "out", "compile", "export_hf"}
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 
 
@@ -220,24 +223,66 @@ def load_checkpoint(path):
     return ckpt
 
 
+def hf_cache_snapshot(name):
+    """The newest snapshot folder of GPT-2 `name` in the Hugging Face cache that holds weights."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    for repo in (f"models--openai-community--{name}", f"models--{name}"):
+        snapshots = os.path.join(cache, repo, "snapshots")
+        found = [os.path.join(snapshots, d) for d in (os.listdir(snapshots) if os.path.isdir(snapshots) else [])
+                 if {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(os.path.join(snapshots, d)))]
+        if found:
+            return max(found, key=os.path.getmtime)
+    raise DataError(f"--init {name}: no {name} weights in the Hugging Face cache {cache}; get "
+                    f"config.json and model.safetensors from huggingface.co/openai-community/{name} "
+                    f"into a folder and pass --init FOLDER (or download them into the cache)")
+
+
+def load_init(spec):
+    """The --init weights, as a dict shaped like a train.py checkpoint: from a train.py
+    checkpoint; from a Hugging Face GPT-2 folder, model.safetensors or pytorch_model.bin; or from
+    a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) looked up in the Hugging Face cache."""
+    if spec in GPT2_SIZES:
+        path = hf_cache_snapshot(spec)
+    elif os.path.isdir(spec) or spec.endswith((".safetensors", ".bin")):
+        path = spec
+    else:
+        return load_checkpoint(spec)
+    try:
+        model = load_hf_gpt2(path)
+    except FileNotFoundError as e:
+        raise DataError(f"--init {spec}: {e.filename or e}: not found") from None
+    except Exception as e:
+        raise DataError(f"--init {spec}: not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "config": {"tokenizer": "gpt2"}}
+
+
 def build_model(cfg, enc, init_ckpt):
-    """The policy: the --init checkpoint's weights and shape, or random weights of cfg's shape."""
+    """The policy: the --init checkpoint's weights and shape, or random weights of cfg's shape.
+    With --init, a shape flag must agree with the checkpoint, except that a smaller --block-size
+    crops the position embeddings (GPT-2's 1024 positions cost memory a short data set never uses)."""
     if init_ckpt is None:
         gptconf = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
         return GPT(gptconf)
     gptconf = GPTConfig(**{**init_ckpt["model_config"], "dropout": cfg.dropout})
-    for name in MODEL_SHAPE:  # the checkpoint decides the shape; a flag that contradicts it is an error
+    state_dict = init_ckpt["model"]
+    for name in MODEL_SHAPE:
         asked, default = getattr(cfg, name), TrainConfig.__dataclass_fields__[name].default
-        if asked != default and asked != getattr(gptconf, name):
+        if name == "block_size" and asked != default and asked < gptconf.block_size:
+            gptconf.block_size = asked
+            state_dict = {**state_dict, "transformer.wpe.weight": state_dict["transformer.wpe.weight"][:asked]}
+        elif asked != default and asked != getattr(gptconf, name):
             raise DataError(f"--{name.replace('_', '-')} {asked}, but --init {cfg.init} has "
                             f"{name} {getattr(gptconf, name)}; drop the flag")
     if gptconf.vocab_size != enc.n_vocab:
         raise DataError(f"--init {cfg.init}: the model has a vocabulary of {gptconf.vocab_size} but "
                         f"--tokenizer {cfg.tokenizer} has {enc.n_vocab}; use the checkpoint's "
-                        f"tokenizer ({init_ckpt['config'].get('tokenizer')})")
+                        f"tokenizer (--tokenizer {init_ckpt['config'].get('tokenizer')})")
     model = GPT(gptconf)
-    load_weights(model, init_ckpt["model"], cfg.init)
+    load_weights(model, state_dict, cfg.init)
     return model
 
 
@@ -247,6 +292,17 @@ def load_weights(model, state_dict, path):
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise DataError(f"{path}: the weights do not fit the model ({first})") from None
+
+
+def export_checkpoint(ckpt_path, folder):
+    """Write a train.py checkpoint as a Hugging Face GPT-2 checkpoint, without training:
+        python -c "import train; train.export_checkpoint('out/dpop-arith-seed1337/ckpt.pt', 'hf')"
+    """
+    ckpt = load_checkpoint(ckpt_path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    load_weights(model, ckpt["model"], ckpt_path)
+    eos_id = load_tokenizer(ckpt["config"]["tokenizer"]).eot_token
+    save_hf_gpt2(model, folder, eos_id=eos_id)
 
 
 def frozen_copy(model):
@@ -450,7 +506,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     enc = load_tokenizer(cfg.tokenizer)
-    init_ckpt = load_checkpoint(cfg.init) if cfg.init else None
+    init_ckpt = load_init(cfg.init) if cfg.init else None
     model = build_model(cfg, enc, init_ckpt).to(device)
     train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, model.config.block_size)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -480,6 +536,9 @@ def train(cfg):
             "tokenizer": cfg.tokenizer,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
+    # the compiled module trains; the plain one is what gets evaluated and saved (its state dict
+    # has no "_orig_mod." prefixes)
+    train_model = torch.compile(model) if cfg.compile else model
     model.train()
     caught, restore_signals = catch_signals()
     t_start = t_last = time.time()
@@ -495,7 +554,7 @@ def train(cfg):
             micro_pairs = [[train_pairs[i] for i in indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
                            for m in range(cfg.grad_accum)]
             batches = [to_device(collate(pairs, enc.eot_token), device) for pairs in micro_pairs]
-            stats = forward_backward(model, ref, batches, cfg, ctx, scaler)
+            stats = forward_backward(train_model, ref, batches, cfg, ctx, scaler)
             step_pairs = [pair for pairs in micro_pairs for pair in pairs]
             tokens_since += sum(len(p) + len(c) for p, c, _ in step_pairs)
             if cfg.loss != "sft":  # preference runs read the rejected rows too
@@ -554,6 +613,9 @@ def train(cfg):
         restore_signals()
 
     print(f"{cfg.loss} finished {step} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
+    if cfg.export_hf:
+        save_hf_gpt2(model, cfg.export_hf, eos_id=enc.eot_token)
+        print(f"exported a Hugging Face GPT-2 checkpoint to {cfg.export_hf}")
     return summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval_logps,
                      test_problems)
 

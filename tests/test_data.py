@@ -1,4 +1,5 @@
 """data.py: tokenizers, JSONL records and their errors, the built-in data, truncation and collate."""
+import json
 import os
 import random
 
@@ -8,7 +9,7 @@ import torch
 
 from conftest import GPT2_RANKS
 from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
-                  edit_distance, load_preferences, load_tokenizer, tokenize_pairs)
+                  edit_distance, load_preferences, load_tokenizer, split_shared_prompt, tokenize_pairs)
 
 E = 256  # end-of-text in the byte tokenizer
 
@@ -171,3 +172,34 @@ def test_batch_indices_cover_each_epoch_once_and_are_pure():
     assert batch_indices(n, bs, 0, seed=7) != batch_indices(n, bs, 0, seed=8)
     with pytest.raises(DataError, match="lower --batch-size"):
         batch_indices(n, 11, 0, seed=7)
+
+
+def test_implicit_prompt_lines(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "Human: 2+2?\n\nAssistant: It is 4.",
+                                "rejected": "Human: 2+2?\n\nAssistant: It is 5."}) + "\n" +
+                    json.dumps({"chosen": "yes", "rejected": "no"}) + "\n" +
+                    json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"}) + "\n" +
+                    json.dumps({"chosen": "only chosen"}) + "\n")
+    with pytest.raises(DataError, match=r"hh.jsonl:4: missing field 'rejected'"):
+        load_preferences(str(path))
+    path.write_text("\n".join(path.read_text().splitlines()[:3]))
+    records, _ = load_preferences(str(path))
+    assert records == [{"prompt": "Human: 2+2?\n\nAssistant: It is", "chosen": " 4.", "rejected": " 5."},
+                       {"prompt": "", "chosen": "yes", "rejected": "no"},
+                       {"prompt": "P", "chosen": "a", "rejected": "b"}]
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
+@pytest.mark.parametrize("chosen, rejected", [
+    ("Human: What is the capital of France?\n\nAssistant: Paris, of course.",
+     "Human: What is the capital of France?\n\nAssistant: Lyon, I think."),
+    ("The answer is 1247 apples", "The answer is 1249 apples"),
+    ("Q:  two  spaces  here", "Q:  two  spaces  there"),
+])
+def test_implicit_prompt_split_is_a_gpt2_token_boundary(chosen, rejected):
+    enc = load_tokenizer(GPT2_RANKS)
+    prompt, c, r = split_shared_prompt(chosen, rejected)
+    assert prompt + c == chosen and prompt + r == rejected
+    for full, completion in ((chosen, c), (rejected, r)):
+        assert enc.encode_ordinary(prompt) + enc.encode_ordinary(completion) == enc.encode_ordinary(full)
