@@ -293,15 +293,19 @@ def collate(pairs, pad_id):
 
 def batch_indices(n, batch_size, step, seed):
     """The indices of the examples in optimizer step `step`: a pure function of its arguments, so
-    a resumed run sees exactly the batches an uninterrupted run would. Each epoch is a fresh
-    permutation of range(n) drawn from (seed, epoch); the last partial batch of an epoch is skipped.
+    a resumed run sees exactly the batches an uninterrupted run would. The data is read as a
+    stream of epochs, each a fresh permutation of range(n) drawn from (seed, epoch), and step s
+    takes the stream's positions s*batch_size to (s+1)*batch_size - 1: every example is seen once
+    per epoch, and a batch may straddle two epochs.
     """
     if batch_size > n:
         raise DataError(f"batch of {batch_size} examples but only {n} training pairs; lower --batch-size")
-    per_epoch = n // batch_size
-    epoch, i = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)[i * batch_size:(i + 1) * batch_size].tolist()
+    indices, position = [], step * batch_size
+    while len(indices) < batch_size:
+        epoch, offset = divmod(position + len(indices), n)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        indices += torch.randperm(n, generator=g)[offset:offset + batch_size - len(indices)].tolist()
+    return indices
 
 
 # ---------------------------------------------------------------------------------------------

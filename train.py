@@ -25,6 +25,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (BUILTIN, DataError, answer_of, batch_indices, builtin_data, collate,
                   load_preferences, load_tokenizer, mean_edit_distance, tokenize_pairs)
@@ -140,6 +142,29 @@ def resolve(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
+# Several processes under torchrun: each is a rank with its own share of every batch
+
+def setup_distributed():
+    """Join torchrun's process group when torchrun started this process (it sets RANK,
+    WORLD_SIZE, LOCAL_RANK and the rendezvous address): nccl between GPUs, gloo on CPUs. Ranks
+    above 0 print nothing."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def all_mean(values, device):
+    """The mean over the ranks of a dict of floats, with one all-reduce; as it is without torchrun."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
 # Setup: device and precision, data, model, checkpoints
 
 def setup_device(cfg):
@@ -150,6 +175,9 @@ def setup_device(cfg):
             "mps" if torch.backends.mps.is_available() else "cpu")
     else:
         device = cfg.device
+    if device == "cuda" and dist.is_initialized():  # under torchrun: one GPU per process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
     if device not in ("cpu", "mps") and not device.startswith("cuda"):
@@ -353,26 +381,35 @@ def forward_backward(model, ref, batches, cfg, ctx, scaler):
     """Accumulate the gradients of one optimizer step over its micro-batches. Each micro-batch's
     loss is divided by their number, because accumulated gradients add up: the sum is then the
     gradient of the mean over the global batch. Returns the metrics averaged the same way (the
-    true mean over micro-batches, not the last one's)."""
+    true mean over micro-batches, not the last one's). Under DDP the gradients are averaged
+    across ranks once, in the last micro-batch's backward; the others run under no_sync."""
     stats = {}
-    for batch in batches:
-        if cfg.loss == "sft":
-            loss = sft_loss(model, batch, ctx)
-            micro_stats = {"loss": loss.item()}
-        else:
-            policy_chosen, policy_rejected = pair_logps(model, batch, ctx)
-            with torch.no_grad():
-                ref_chosen, ref_rejected = pair_logps(ref, batch, ctx)
-            losses, chosen_rewards, rejected_rewards = preference_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss=cfg.loss,
-                beta=cfg.beta, lam=cfg.lam, label_smoothing=cfg.label_smoothing)
-            loss = losses.mean()
-            micro_stats = {"loss": loss.item(), **preference_metrics(
-                chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, cfg.beta)}
-        scaler.scale(loss / len(batches)).backward()
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or not isinstance(model, DDP)
+        with nullcontext() if sync else model.no_sync():
+            micro_stats = forward_backward_one(model, ref, batch, cfg, ctx, scaler, len(batches))
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v / len(batches)
     return stats
+
+
+def forward_backward_one(model, ref, batch, cfg, ctx, scaler, n_micro):
+    """One micro-batch: forward, its loss divided by n_micro, backward; returns its metrics."""
+    if cfg.loss == "sft":
+        loss = sft_loss(model, batch, ctx)
+        micro_stats = {"loss": loss.item()}
+    else:
+        policy_chosen, policy_rejected = pair_logps(model, batch, ctx)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = pair_logps(ref, batch, ctx)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss=cfg.loss,
+            beta=cfg.beta, lam=cfg.lam, label_smoothing=cfg.label_smoothing)
+        loss = losses.mean()
+        micro_stats = {"loss": loss.item(), **preference_metrics(
+            chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, cfg.beta)}
+    scaler.scale(loss / n_micro).backward()
+    return micro_stats
 
 
 def to_device(batch, device):
@@ -500,8 +537,25 @@ def catch_signals():
     return caught, lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
+def optimizer_step(model, optimizer, scaler, cfg, loss):
+    """Clip, then step unless the loss or the gradient is not finite: such a step never reaches
+    the weights. With float16, overflowing gradients are the GradScaler's to skip (it lowers its
+    scale). Returns (grad norm, whether the step was taken, whether the GradScaler skipped it)."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    finite = math.isfinite(loss) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+    scale = scaler.get_scale()
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), finite, finite and scaler.get_scale() < scale
+
+
 def train(cfg):
-    """Train one stage as cfg says and return its final summary (a dict)."""
+    """Train one stage as cfg says and return its final summary (a dict; empty on ranks > 0)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    master = rank == 0  # under torchrun, only rank 0 evaluates, logs and writes checkpoints
     device, dtype, ctx, scaler = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -511,8 +565,8 @@ def train(cfg):
     train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, model.config.block_size)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
-          f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum} = batch size {cfg.batch_size} x "
-          f"grad accum {cfg.grad_accum}")
+          f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum * world} = batch size "
+          f"{cfg.batch_size} x grad accum {cfg.grad_accum} x {world} processes")
 
     # The reference: a frozen copy of the starting model.
     ref = frozen_copy(model) if init_ckpt is not None else None
@@ -522,23 +576,27 @@ def train(cfg):
 
     optimizer = make_optimizer(model, cfg, device)
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    os.makedirs(cfg.out, exist_ok=True)
     start_step = restore(cfg, ckpt_path, model, optimizer, scaler) if cfg.resume else 0
-    old_rows = open(metrics_path).readlines() if start_step and os.path.exists(metrics_path) else []
-    with open(metrics_path, "w") as f:  # keep the rows up to the checkpoint; later ones are redone
-        f.writelines(r for r in old_rows if json.loads(r)["step"] <= start_step)
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        old_rows = open(metrics_path).readlines() if start_step and os.path.exists(metrics_path) else []
+        with open(metrics_path, "w") as f:  # keep the rows up to the checkpoint; later ones are redone
+            f.writelines(r for r in old_rows if json.loads(r)["step"] <= start_step)
 
     def checkpoint(step, done):
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "done": done,
-            "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
-            "tokenizer": cfg.tokenizer,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "step": step, "done": done,
+                "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
+                "tokenizer": cfg.tokenizer,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
-    # the compiled module trains; the plain one is what gets evaluated and saved (its state dict
-    # has no "_orig_mod." prefixes)
+    # The compiled (and, under torchrun, DDP-wrapped) module trains; the plain one is evaluated
+    # and saved, so checkpoints have no "_orig_mod." or "module." prefixes.
     train_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     caught, restore_signals = catch_signals()
     t_start = t_last = time.time()
@@ -546,32 +604,27 @@ def train(cfg):
     step = start_step
     try:
         while step < cfg.steps:
-            # --- train step: grad_accum micro-batches, then one optimizer step
+            # --- train step: this rank's share of the global batch, in grad_accum micro-batches
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            indices = batch_indices(len(train_pairs), cfg.batch_size * cfg.grad_accum, step, cfg.seed)
-            micro_pairs = [[train_pairs[i] for i in indices[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
-                           for m in range(cfg.grad_accum)]
+            per_rank = cfg.batch_size * cfg.grad_accum
+            indices = batch_indices(len(train_pairs), per_rank * world, step, cfg.seed)
+            mine = [train_pairs[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
+            micro_pairs = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
             batches = [to_device(collate(pairs, enc.eot_token), device) for pairs in micro_pairs]
             stats = forward_backward(train_model, ref, batches, cfg, ctx, scaler)
-            step_pairs = [pair for pairs in micro_pairs for pair in pairs]
-            tokens_since += sum(len(p) + len(c) for p, c, _ in step_pairs)
-            if cfg.loss != "sft":  # preference runs read the rejected rows too
-                tokens_since += sum(len(p) + len(r) for p, _, r in step_pairs)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            # A non-finite loss or gradient never reaches the weights: the step is skipped. With
-            # float16, overflowing gradients are the GradScaler's to skip (it then lowers its scale).
-            finite = math.isfinite(stats["loss"]) and (scaler.is_enabled() or torch.isfinite(grad_norm))
-            scale = scaler.get_scale()
-            if finite:
-                scaler.step(optimizer)
-            scaler.update()
-            n_overflow += finite and scaler.get_scale() < scale
-            n_skipped += not finite
+            tokens = sum(len(p) + len(c) + (len(p) + len(r) if cfg.loss != "sft" else 0)
+                         for p, c, r in mine)  # SFT reads the chosen rows only
+            # one all-reduce: the metrics' mean over ranks, the tokens, and whether any rank was signalled
+            stats = all_mean({**stats, "tokens": tokens, "signal": caught[0] if caught else 0}, device)
+            tokens_since += stats.pop("tokens") * world
+            signalled = stats.pop("signal")
+            if signalled and not caught:
+                caught.append(signal.SIGTERM)  # another rank was asked to stop: stop together
+            grad_norm, finite, overflow = optimizer_step(model, optimizer, scaler, cfg, stats["loss"])
+            n_skipped, n_overflow = n_skipped + (not finite), n_overflow + overflow
             bad_in_a_row = 0 if finite else bad_in_a_row + 1
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             if bad_in_a_row >= cfg.max_bad_steps:
                 sys.exit(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
@@ -579,9 +632,9 @@ def train(cfg):
                          f"try a lower --lr, or --dtype float32")
 
             # --- log
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if master and (step % cfg.log_every == 0 or step == cfg.steps):
                 now = time.time()
-                row = {"step": step, **stats, "grad_norm": grad_norm.item(), "lr": lr,
+                row = {"step": step, **stats, "grad_norm": grad_norm, "lr": lr,
                        "tokens_per_s": tokens_since / (now - t_last), "skipped_steps": n_skipped,
                        "overflow_steps": n_overflow}
                 eta = (now - t_start) / (step - start_step) * (cfg.steps - step)
@@ -591,11 +644,14 @@ def train(cfg):
 
             # --- eval and checkpoint
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
-                print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-                log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-                stop_early = (cfg.loss == "sft" and cfg.sft_target_acc > 0
-                              and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
+                stop_early = False
+                if master:
+                    metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
+                    print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                    log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+                    stop_early = (cfg.loss == "sft" and cfg.sft_target_acc > 0
+                                  and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
+                stop_early = all_mean({"stop": float(stop_early)}, device)["stop"] > 0  # rank 0's say
                 if stop_early:
                     print(f"SFT reached the target generation accuracy {cfg.sft_target_acc:.0%}: stopping")
                 checkpoint(step, done=stop_early or step == cfg.steps)
@@ -608,16 +664,23 @@ def train(cfg):
                 checkpoint(step, done=False)
                 print(f"stopped at step {step} by {signal.Signals(caught[0]).name}; checkpoint "
                       f"{ckpt_path}. To continue, run the same command with --resume")
+                if world > 1:
+                    dist.barrier()  # the others wait until rank 0 has written the checkpoint
                 sys.exit(128 + caught[0])
     finally:
         restore_signals()
 
     print(f"{cfg.loss} finished {step} steps in {time.time() - t_start:.0f}s; checkpoint {ckpt_path}")
-    if cfg.export_hf:
-        save_hf_gpt2(model, cfg.export_hf, eos_id=enc.eot_token)
-        print(f"exported a Hugging Face GPT-2 checkpoint to {cfg.export_hf}")
-    return summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval_logps,
-                     test_problems)
+    summary = {}
+    if master:
+        if cfg.export_hf:
+            save_hf_gpt2(model, cfg.export_hf, eos_id=enc.eot_token)
+            print(f"exported a Hugging Face GPT-2 checkpoint to {cfg.export_hf}")
+        summary = summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs,
+                            ref_eval_logps, test_problems)
+    if world > 1:
+        dist.barrier()  # the next stage reads this one's checkpoint
+    return summary
 
 
 def format_row(row, cfg):
@@ -659,11 +722,15 @@ def summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval
 def main(argv=None):
     try:
         cfg = resolve(parse_args(argv))
+        setup_distributed()
         if cfg.loss != "sft" and not cfg.init:
             cfg.init = ensure_sft_reference(cfg)
         return train(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

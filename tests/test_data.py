@@ -166,8 +166,9 @@ def test_edit_distance_matches_naive_dp():
 
 def test_batch_indices_cover_each_epoch_once_and_are_pure():
     n, bs = 10, 3
-    epoch0 = [i for step in range(3) for i in batch_indices(n, bs, step, seed=7)]
-    assert len(set(epoch0)) == 9  # 3 full batches of distinct examples; the partial one is skipped
+    stream = [i for step in range(10) for i in batch_indices(n, bs, step, seed=7)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[10:20] != stream[:10]  # a new permutation each epoch
     assert batch_indices(n, bs, 4, seed=7) == batch_indices(n, bs, 4, seed=7)
     assert batch_indices(n, bs, 0, seed=7) != batch_indices(n, bs, 0, seed=8)
     with pytest.raises(DataError, match="lower --batch-size"):

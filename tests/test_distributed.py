@@ -1,0 +1,72 @@
+"""torchrun with 2 CPU processes (gloo) against one process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL
+from train import load_checkpoint
+
+TOLERANCE = 1e-5  # float32; the two runs sum the same gradients in a different order
+
+
+def train_rows(out):
+    rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("per_rank", [["--batch-size", "4"], ["--batch-size", "2", "--grad-accum", "2"]])
+def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, small_pairs, per_rank):
+    common = [*TINY_MODEL, "--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "4",
+              "--lr", "1e-4", "--eval-every", "4", "--log-every", "1", "--sft-target-acc", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", "train.py", *common, *per_rank, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    assert "global batch 8 = batch size" in ddp.stdout and "x 2 processes" in ddp.stdout
+    one, two = (load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("one", "two"))
+    assert two["step"] == 4 and two["done"]
+    assert not any(k.startswith("module.") for k in two["model"])
+    diff = max((two["model"][k] - one["model"][k]).abs().max().item() for k in one["model"])
+    print(f"max abs weight difference after 4 steps: {diff:.2e}")
+    for name in one["model"]:
+        torch.testing.assert_close(two["model"][name], one["model"][name], atol=TOLERANCE, rtol=0)
+    for a, b in zip(train_rows(str(tmp_path / "one")), train_rows(str(tmp_path / "two"))):
+        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE)  # averaged over the ranks
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=TOLERANCE)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_gradients_sync_only_on_the_last_micro_batch(tmp_path, monkeypatch):
+    """Under DDP, forward_backward runs every micro-batch but the last under no_sync."""
+    from contextlib import nullcontext
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from data import builtin_data, collate, load_tokenizer, tokenize_pairs
+    from model import GPT, GPTConfig
+    from train import TrainConfig, forward_backward
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        entered = []
+        real_no_sync = DDP.no_sync
+
+        def counting_no_sync(self):
+            entered.append(1)
+            return real_no_sync(self)
+        monkeypatch.setattr(DDP, "no_sync", counting_no_sync)
+        enc = load_tokenizer("byte")
+        pairs, _, _ = tokenize_pairs(builtin_data("arith")["train"][:6], enc, 48)
+        model = DDP(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48)))
+        batches = [collate(pairs[i:i + 2], enc.eot_token) for i in (0, 2, 4)]
+        forward_backward(model, None, batches, TrainConfig(loss="sft"), nullcontext(),
+                         torch.amp.GradScaler("cpu", enabled=False))
+        assert len(entered) == 2  # micro-batches 1 and 2 of 3
+    finally:
+        dist.destroy_process_group()
