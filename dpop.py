@@ -41,6 +41,25 @@ def sequence_logps(logits, targets, mask):
     return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(-1)
 
 
+def completion_logps(logits, targets, mask):
+    """The same sums as sequence_logps, from the logits of the completion positions only.
+
+    With long prompts, most positions are prompt or padding, whose logits sequence_logps throws
+    away. The model can compute just the masked ones (GPT.forward(idx, positions=mask)); then
+    the (B, T, V) logits and their float32 copy never exist, only (N, V).
+
+    Args:
+        logits: (N, V) logits at the N positions where mask is true, in row-major order.
+        targets, mask: (B, T) as for sequence_logps.
+    Returns:
+        (B,) float32, equal to sequence_logps of the full logits.
+    """
+    logits = logits.float()
+    token_logps = logits.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    rows = mask.nonzero()[:, 0]  # (N,) the row each token belongs to
+    return torch.zeros(mask.size(0), device=logits.device).index_add(0, rows, token_logps)
+
+
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                     ref_rejected_logps, loss="dpop", beta=0.1, lam=50.0, label_smoothing=0.0):
     """Per-pair preference losses and the implicit rewards.

@@ -126,8 +126,14 @@ class GPT(nn.Module):
         """Parameter count; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx):
-        """idx: (B, T) token ids. Returns logits for every position: (B, T, vocab_size)."""
+    def forward(self, idx, positions=None):
+        """idx: (B, T) token ids. Returns logits for every position: (B, T, vocab_size).
+
+        With positions, a (B, T) bool mask, returns the logits of those positions only, (N,
+        vocab_size) with N = positions.sum(), in row-major order. Training asks for the completion
+        positions: the vocabulary head is the biggest matmul of a small GPT, and the prompt and
+        padding logits would only be thrown away.
+        """
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -136,7 +142,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        return self.lm_head(x)  # (B, T, vocab_size)
+        if positions is not None:
+            x = x[positions]  # (N, C)
+        return self.lm_head(x)  # (B, T, vocab_size), or (N, vocab_size)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, eos_id=None, temperature=0.0, top_k=None, generator=None):

@@ -14,6 +14,7 @@ The maths lives in dpop.py, the data in data.py, the model in model.py.
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -26,11 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (BUILTIN, DataError, answer_of, batch_indices, builtin_data, collate,
                   load_preferences, load_tokenizer, mean_edit_distance, tokenize_pairs)
-from dpop import LOSSES, preference_loss, preference_metrics, sequence_logps
+from dpop import LOSSES, completion_logps, preference_loss, preference_metrics, sequence_logps
 from model import GPT, GPT2_SIZES, GPTConfig, load_hf_gpt2, save_hf_gpt2
 
 
@@ -70,6 +72,12 @@ class TrainConfig:
     beta: float = knob(0.1, "how far the policy may move from the reference")
     lam: float = knob(50.0, "DPOP's penalty weight (the paper's value)")
     label_smoothing: float = knob(0.0, "conservative DPO: assumed fraction of flipped labels")
+    ref_logps: str = knob("auto", "the reference's log-probs: precompute (one pass over the data "
+                                  "before training, cached in --out, then the reference model is "
+                                  "freed), every-step, or auto (precompute when the run sees each "
+                                  "pair at least once on average)")
+    full_logits: bool = knob(False, "compute logits at every position, not only the completion "
+                                    "positions (slower; for comparison)")
     # the SFT stage
     sft_target_acc: float = knob(0.5, "stop SFT once held-out generation accuracy reaches this "
                                       "(built-in data; 0: never)")
@@ -93,7 +101,7 @@ STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
                   "preference": dict(steps=300, batch_size=32, lr=2e-4)}
 # A run may change these on --resume; any other difference from the checkpoint's config is refused.
 RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
-                     "max_bad_steps", "out", "compile", "export_hf"}
+                     "max_bad_steps", "out", "compile", "export_hf", "ref_logps", "full_logits"}
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 
 
@@ -132,6 +140,8 @@ def resolve(cfg):
                  "max_bad_steps"):
         if getattr(cfg, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.ref_logps not in ("auto", "precompute", "every-step"):
+        raise DataError(f"--ref-logps {cfg.ref_logps}: choose auto, precompute or every-step")
     if cfg.lam < 0:
         raise DataError(f"--lam must be zero or positive, got {cfg.lam}")
     if cfg.label_smoothing and cfg.loss != "dpo":
@@ -360,12 +370,16 @@ def get_lr(step, cfg):
 # ---------------------------------------------------------------------------------------------
 # One batch through the models, and evaluation
 
-def pair_logps(model, batch, ctx):
-    """Summed completion log-probs of a collated batch: (chosen (B,), rejected (B,))."""
+def pair_logps(model, batch, ctx, full_logits=False):
+    """Summed completion log-probs of a collated batch: (chosen (B,), rejected (B,)), float32
+    whatever the autocast dtype. The model computes logits at the completion positions only,
+    unless full_logits (the slower textbook way, kept for the benchmark and the tests)."""
     idx, targets, mask = batch
     with ctx:
-        logits = model(idx)  # (2B, T, V)
-    logps = sequence_logps(logits, targets, mask)  # float32 whatever the autocast dtype
+        if full_logits:
+            logps = sequence_logps(model(idx), targets, mask)  # logits (2B, T, V)
+        else:
+            logps = completion_logps(model(idx, positions=mask), targets, mask)  # logits (N, V)
     return logps.chunk(2)
 
 
@@ -373,35 +387,40 @@ def sft_loss(model, batch, ctx):
     """Mean negative log-likelihood per completion token of the chosen rows (standard SFT)."""
     idx, targets, mask = (t[: len(t) // 2] for t in batch)  # chosen rows only
     with ctx:
-        logits = model(idx)
-    return -sequence_logps(logits, targets, mask).sum() / mask.sum()
+        logits = model(idx, positions=mask)  # (N, V): completion positions only
+    return F.cross_entropy(logits.float(), targets[mask])
 
 
-def forward_backward(model, ref, batches, cfg, ctx, scaler):
+def forward_backward(model, ref, batches, cfg, ctx, scaler, ref_logps=None):
     """Accumulate the gradients of one optimizer step over its micro-batches. Each micro-batch's
     loss is divided by their number, because accumulated gradients add up: the sum is then the
     gradient of the mean over the global batch. Returns the metrics averaged the same way (the
     true mean over micro-batches, not the last one's). Under DDP the gradients are averaged
-    across ranks once, in the last micro-batch's backward; the others run under no_sync."""
+    across ranks once, in the last micro-batch's backward; the others run under no_sync.
+    ref_logps: None to run the reference on each micro-batch, or its precomputed
+    (chosen, rejected) log-probs for each micro-batch."""
     stats = {}
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or not isinstance(model, DDP)
         with nullcontext() if sync else model.no_sync():
-            micro_stats = forward_backward_one(model, ref, batch, cfg, ctx, scaler, len(batches))
+            micro_stats = forward_backward_one(model, ref, batch, cfg, ctx, scaler, len(batches),
+                                               None if ref_logps is None else ref_logps[i])
         for k, v in micro_stats.items():
             stats[k] = stats.get(k, 0.0) + v / len(batches)
     return stats
 
 
-def forward_backward_one(model, ref, batch, cfg, ctx, scaler, n_micro):
+def forward_backward_one(model, ref, batch, cfg, ctx, scaler, n_micro, ref_logps):
     """One micro-batch: forward, its loss divided by n_micro, backward; returns its metrics."""
     if cfg.loss == "sft":
         loss = sft_loss(model, batch, ctx)
         micro_stats = {"loss": loss.item()}
     else:
-        policy_chosen, policy_rejected = pair_logps(model, batch, ctx)
-        with torch.no_grad():
-            ref_chosen, ref_rejected = pair_logps(ref, batch, ctx)
+        policy_chosen, policy_rejected = pair_logps(model, batch, ctx, cfg.full_logits)
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_logps = pair_logps(ref, batch, ctx, cfg.full_logits)
+        ref_chosen, ref_rejected = ref_logps
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen, policy_rejected, ref_chosen, ref_rejected, loss=cfg.loss,
             beta=cfg.beta, lam=cfg.lam, label_smoothing=cfg.label_smoothing)
@@ -449,6 +468,37 @@ def generation_accuracy(model, enc, problems, ctx, device, max_new_tokens=48):
             text = enc.decode([t for t in row if t != enc.eot_token])
             correct += answer_of(text) == answer
     return correct / max(1, len(problems))
+
+
+def reference_train_logps(ref, pairs, cfg, enc, ctx, device):
+    """The reference's log-probs of every training pair, as an (N, 2) tensor of (chosen,
+    rejected), so that training needs no reference forward pass. Cached in --out under a key made
+    of the reference's weights and the tokenized pairs. Under torchrun each rank computes every
+    world_size-th pair and the shares are gathered."""
+    key = hashlib.sha256(repr(pairs).encode())
+    for t in ref.state_dict().values():
+        key.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    path = os.path.join(cfg.out, f"ref_logps-{key.hexdigest()[:16]}.pt")
+    if os.path.exists(path):
+        print(f"reference log-probs from {path}")
+        return torch.load(path)
+    t0 = time.time()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shares = [(list(range(rank, len(pairs), world)), None)]
+    shares = [(ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids], enc, ctx, device), 1))
+              for ids, _ in shares]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, shares[0])
+        shares = gathered
+    logps = torch.zeros(len(pairs), 2)
+    for ids, values in shares:
+        logps[ids] = values
+    if rank == 0:
+        save_checkpoint(path, logps)
+    print(f"reference log-probs of {len(pairs)} pairs computed in {time.time() - t0:.0f}s; "
+          f"cached in {path}")
+    return logps
 
 
 def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems):
@@ -565,14 +615,23 @@ def train(cfg):
     train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, model.config.block_size)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
-          f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum * world} = batch size "
+          f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum * world} pairs = batch size "
           f"{cfg.batch_size} x grad accum {cfg.grad_accum} x {world} processes")
 
-    # The reference: a frozen copy of the starting model.
+    # The reference: a frozen copy of the starting model. Its log-probs on the eval pairs are
+    # computed once; on the training pairs, once too when precomputing pays, and then the
+    # reference model is freed.
     ref = frozen_copy(model) if init_ckpt is not None else None
     ref_eval_logps = all_pair_logps(ref, eval_pairs, enc, ctx, device) if ref and eval_pairs else None
-    if cfg.loss == "sft":
-        ref = None  # SFT needs the reference only for the eval metrics computed just above
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    precompute = cfg.ref_logps == "precompute" or (
+        cfg.ref_logps == "auto" and cfg.steps * global_batch >= len(train_pairs))
+    ref_train_logps = None
+    if ref is not None and cfg.loss != "sft" and precompute:
+        os.makedirs(cfg.out, exist_ok=True)
+        ref_train_logps = reference_train_logps(ref, train_pairs, cfg, enc, ctx, device)
+    if cfg.loss == "sft" or ref_train_logps is not None:
+        ref = None  # not needed in the loop
 
     optimizer = make_optimizer(model, cfg, device)
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
@@ -609,13 +668,16 @@ def train(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             per_rank = cfg.batch_size * cfg.grad_accum
-            indices = batch_indices(len(train_pairs), per_rank * world, step, cfg.seed)
-            mine = [train_pairs[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
-            micro_pairs = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
-            batches = [to_device(collate(pairs, enc.eot_token), device) for pairs in micro_pairs]
-            stats = forward_backward(train_model, ref, batches, cfg, ctx, scaler)
+            indices = batch_indices(len(train_pairs), global_batch, step, cfg.seed)
+            mine = indices[rank * per_rank:(rank + 1) * per_rank]
+            micro = [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
+            batches = [to_device(collate([train_pairs[i] for i in ids], enc.eot_token), device)
+                       for ids in micro]
+            ref_logps = None if ref_train_logps is None else \
+                [ref_train_logps[ids].to(device).unbind(1) for ids in micro]
+            stats = forward_backward(train_model, ref, batches, cfg, ctx, scaler, ref_logps)
             tokens = sum(len(p) + len(c) + (len(p) + len(r) if cfg.loss != "sft" else 0)
-                         for p, c, r in mine)  # SFT reads the chosen rows only
+                         for p, c, r in (train_pairs[i] for i in mine))  # SFT reads chosen rows only
             # one all-reduce: the metrics' mean over ranks, the tokens, and whether any rank was signalled
             stats = all_mean({**stats, "tokens": tokens, "signal": caught[0] if caught else 0}, device)
             tokens_since += stats.pop("tokens") * world

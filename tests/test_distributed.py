@@ -10,7 +10,9 @@ import torch
 from conftest import ROOT, TINY_MODEL
 from train import load_checkpoint
 
-TOLERANCE = 1e-5  # float32; the two runs sum the same gradients in a different order
+# float32: the two runs sum the same gradients in another order, and AdamW's first steps magnify
+# the rounding of near-zero gradients, so the weights agree to 1e-5 and the logged losses to 5e-5
+TOLERANCE, LOSS_TOLERANCE = 1e-5, 5e-5
 
 
 def train_rows(out):
@@ -18,10 +20,19 @@ def train_rows(out):
     return [r for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("per_rank", [["--batch-size", "4"], ["--batch-size", "2", "--grad-accum", "2"]])
-def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, small_pairs, per_rank):
-    common = [*TINY_MODEL, "--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "4",
-              "--lr", "1e-4", "--eval-every", "4", "--log-every", "1", "--sft-target-acc", "0"]
+@pytest.mark.parametrize("per_rank, ref_logps, loss", [
+    (["--batch-size", "4"], "every-step", "dpop"),
+    (["--batch-size", "2", "--grad-accum", "2"], "every-step", "dpop"),
+    # each rank precomputes half the reference log-probs, then they are gathered. DPO, because
+    # DPOP's gradient jumps at c = 0, where every pair sits at step 0, and log-probs computed in
+    # other batches differ in the last bits: the penalty would switch on for some pairs
+    (["--batch-size", "4"], "precompute", "dpo"),
+])
+def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, small_pairs, per_rank,
+                                                         ref_logps, loss):
+    common = [*TINY_MODEL, "--loss", loss, "--init", sft_ckpt, "--data", small_pairs, "--steps", "4",
+              "--lr", "1e-4", "--eval-every", "4", "--log-every", "1", "--sft-target-acc", "0",
+              "--ref-logps", ref_logps]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
@@ -29,7 +40,7 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
                           "--nproc_per_node=2", "train.py", *common, *per_rank, "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    assert "global batch 8 = batch size" in ddp.stdout and "x 2 processes" in ddp.stdout
+    assert "global batch 8 pairs = batch size" in ddp.stdout and "x 2 processes" in ddp.stdout
     one, two = (load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("one", "two"))
     assert two["step"] == 4 and two["done"]
     assert not any(k.startswith("module.") for k in two["model"])
@@ -38,8 +49,8 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
     for name in one["model"]:
         torch.testing.assert_close(two["model"][name], one["model"][name], atol=TOLERANCE, rtol=0)
     for a, b in zip(train_rows(str(tmp_path / "one")), train_rows(str(tmp_path / "two"))):
-        assert a["loss"] == pytest.approx(b["loss"], abs=TOLERANCE)  # averaged over the ranks
-        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=TOLERANCE)
+        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)  # averaged over ranks
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=LOSS_TOLERANCE)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 

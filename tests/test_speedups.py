@@ -1,0 +1,108 @@
+"""Speed-ups never change the maths: each one on and off gives the same losses and gradients
+(float32; tolerances stated per test)."""
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from data import builtin_data, collate, load_tokenizer, tokenize_pairs
+from dpop import completion_logps, sequence_logps
+from model import GPT, GPTConfig
+from train import (TrainConfig, all_pair_logps, forward_backward, frozen_copy, pair_logps,
+                   reference_train_logps, sft_loss)
+
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+
+
+def setup(seed=0, n=12):
+    torch.manual_seed(seed)
+    policy = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    enc = load_tokenizer("byte")
+    pairs, _, _ = tokenize_pairs(builtin_data("arith")["train"][:n], enc, 64)
+    return policy, enc, pairs
+
+
+def grads_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_completion_only_logits_equal_full_logits():
+    policy, enc, pairs = setup()
+    batch = collate(pairs, enc.eot_token)
+    idx, targets, mask = batch
+    full = sequence_logps(policy(idx), targets, mask)
+    fast = completion_logps(policy(idx, positions=mask), targets, mask)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-6)  # sums of ~40 logps near -5.5
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "sft"])
+def test_completion_only_head_gives_the_same_gradients(loss):
+    """The same loss to 1e-5, and each gradient tensor to 2e-5 of its largest entry: an untrained
+    model's summed log-probs are near -220, where float32 resolves 1.5e-5, and DPOP's lam = 50
+    magnifies that (its gradients reach 50 here)."""
+    results = []
+    for full_logits in (True, False):
+        policy, enc, pairs = setup()
+        with torch.no_grad():  # move the policy away from the reference, so DPOP's penalty acts
+            for p in policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        ref = frozen_copy(setup()[0])
+        batches = [collate(pairs[:6], enc.eot_token), collate(pairs[6:], enc.eot_token)]
+        cfg = TrainConfig(loss=loss, full_logits=full_logits)
+        stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER)
+        results.append((stats, grads_of(policy)))
+    (slow_stats, slow_grads), (fast_stats, fast_grads) = results
+    assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
+    for name, slow in slow_grads.items():
+        assert (fast_grads[name] - slow).abs().max() <= 2e-5 * slow.abs().max(), name
+
+
+def test_sft_loss_is_the_mean_token_nll():
+    policy, enc, pairs = setup()
+    batch = collate(pairs, enc.eot_token)
+    idx, targets, mask = (t[:len(pairs)] for t in batch)
+    expected = -sequence_logps(policy(idx), targets, mask).sum() / mask.sum()
+    torch.testing.assert_close(sft_loss(policy, batch, nullcontext()), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "ipo"])
+def test_precomputed_reference_logps_give_the_same_gradients(tmp_path, loss):
+    """Reference log-probs computed once beforehand (in other batches) against the reference run
+    on each micro-batch: losses to 1e-5, gradients to 1e-5 (the policy is moved off the
+    reference first: at c = 0 exactly, DPOP's gradient jumps, and log-probs computed in other
+    batches differ from the in-step ones in the last bits)."""
+    policy, enc, pairs = setup()
+    ref = frozen_copy(policy)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    cfg = TrainConfig(loss=loss, out=str(tmp_path))
+    table = reference_train_logps(ref, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    assert table.shape == (len(pairs), 2)
+    again = reference_train_logps(ref, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    assert torch.equal(again, table) and len(list(tmp_path.glob("ref_logps-*.pt"))) == 1  # cached
+    micro = [[3, 0, 7, 5], [11, 2, 9, 1]]
+    batches = [collate([pairs[i] for i in ids], enc.eot_token) for ids in micro]
+    results = []
+    for ref_logps in (None, [table[ids].unbind(1) for ids in micro]):
+        policy.zero_grad()
+        stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER, ref_logps)
+        results.append((stats, grads_of(policy)))
+    (every, every_grads), (pre, pre_grads) = results
+    assert pre["loss"] == pytest.approx(every["loss"], abs=1e-5)
+    assert pre["rewards/margins"] == pytest.approx(every["rewards/margins"], abs=1e-5)
+    for name in every_grads:
+        torch.testing.assert_close(pre_grads[name], every_grads[name], atol=1e-5, rtol=0)
+
+
+def test_precomputed_logps_match_per_pair_and_change_with_the_weights(tmp_path):
+    policy, enc, pairs = setup()
+    cfg = TrainConfig(out=str(tmp_path))
+    table = reference_train_logps(policy, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    chosen, rejected = pair_logps(policy, collate(pairs[4:5], enc.eot_token), nullcontext())
+    assert table[4, 0].item() == pytest.approx(chosen.item(), abs=1e-5)
+    assert table[4, 1].item() == pytest.approx(rejected.item(), abs=1e-5)
+    with torch.no_grad():
+        policy.transformer.wte.weight.mul_(1.1)
+    reference_train_logps(policy, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 2  # other weights, another cache entry
