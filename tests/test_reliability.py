@@ -155,13 +155,13 @@ def test_interrupted_run_resumes_bitwise(tmp_path, sft_ckpt, small_pairs, sig):
 
 
 def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, sft_ckpt, small_pairs):
-    """A checkpoint at every step, and kill -9 at five moments: each time ckpt.pt loads."""
+    """A checkpoint at every step, and kill -9 at three moments: each time ckpt.pt loads."""
     out = tmp_path / "run"
     argv = run_args(out, "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "100000",
                     "--batch-size", "4",
                     "--eval-every", "1")
     steps = []
-    for after_rows in (3, 6, 9, 12, 15):
+    for after_rows in (3, 7, 11):
         code, _ = start_and_signal(argv + (["--resume"] if steps else []), str(out / "metrics.jsonl"),
                                    signal.SIGKILL, after_rows)
         assert code == -signal.SIGKILL
