@@ -4,7 +4,9 @@ The same model shape as ../shared/bench/trl_dpo_bench.py (a GPT-2 of 6 layers, 6
 384, vocab 50257, context 256, random weights, a frozen reference), the same synthetic pairs
 (imported from ../shared/bench/synth_prefs.py), batch 8, float32, CPU, one thread, 12 optimizer
 steps of which the first 2 are warm-up. It prints one JSON line, counted as TRL's is: non-pad
-tokens per second of the 2B rows, median seconds per optimizer step, peak RSS.
+tokens per second of the 2B rows, median seconds per optimizer step, peak RSS; and the model
+FLOPs per token with the fraction of the machine's measured float32 matmul throughput they
+reach (on a GPU this would be MFU; this benchmark runs on the CPU).
 
     python bench.py                                   # our step, the reference run every step
     python bench.py --ref-logps precompute            # reference log-probs computed beforehand
@@ -42,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ref-logps", choices=("every-step", "precompute"), default="every-step")
     p.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
+    p.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
     p.add_argument("--synth", default=os.path.join(HERE, "..", "shared", "bench"),
                    help="folder of synth_prefs.py (and trl_dpo_bench.py)")
     p.add_argument("--vs-trl", default="", help="python of a venv with TRL: alternate the two")
@@ -60,14 +63,18 @@ def matmul_flops_per_s(n=1024, repeats=5):
     return 2 * n ** 3 / best
 
 
-def model_flops_per_token(config, mean_len, ref_every_step):
-    """Training FLOPs per token: 6 per weight for the policy's forward and backward (the tied
-    vocabulary head counted as a matmul, the position table not) plus attention's 12 * L * T * C;
-    and 2 per weight plus 4 * L * T * C for the reference's forward when it runs every step."""
+def model_flops_per_step(config, pairs, ref_every_step):
+    """The FLOPs a training step needs, counting matmuls: 6 per weight per token for the policy's
+    forward and backward through the blocks, plus attention's 12 * L * T * C per token; the
+    vocabulary head (V * C weights) only at completion tokens, the only logits the loss uses; and
+    a third of all that again for the reference's forward when it runs every step."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    matmul_weights = L * 12 * C * C + V * C
-    policy = 6 * matmul_weights + 12 * L * mean_len * C
-    return policy + (2 * matmul_weights + 4 * L * mean_len * C if ref_every_step else 0)
+    flops = 0
+    for p, c, r in pairs:
+        for n_completion in (len(c), len(r)):
+            T = len(p) + n_completion
+            flops += 6 * (12 * L * C * C * T + V * C * n_completion) + 12 * L * T * T * C
+    return flops * (4 / 3 if ref_every_step else 1)
 
 
 def run_ours(args):
@@ -85,7 +92,7 @@ def run_ours(args):
                       full_logits=args.full_logits, out=tempfile.mkdtemp(prefix="dpop_bench_"))
     ctx, device = nullcontext(), torch.device("cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    optimizer = make_optimizer(policy, cfg, device)
+    optimizer = make_optimizer(policy, cfg, device, fused=not args.unfused_adamw)
     precompute_s = 0.0
     table = None
     if args.ref_logps == "precompute":
@@ -107,15 +114,15 @@ def run_ours(args):
     steady_s, steady_tokens = sum(step_s[args.warmup:]), sum(tokens[args.warmup:])
     mean_len = statistics.mean(len(p) + len(c) for p, c, _ in pairs)
     tokens_per_s = steady_tokens / steady_s
-    flops = model_flops_per_token(config, mean_len, args.ref_logps == "every-step")
+    flops = model_flops_per_step(config, pairs, args.ref_logps == "every-step") / sum(tokens)
     peak = matmul_flops_per_s()
     return {"harness": "dpop bench.py", "shots": args.shots, "ref_logps": args.ref_logps,
-            "full_logits": args.full_logits, "threads": args.threads, "params": policy.num_params(),
+            "full_logits": args.full_logits, "fused_adamw": not args.unfused_adamw, "threads": args.threads, "params": policy.num_params(),
             "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),
             "steady_step_s_median": round(statistics.median(step_s[args.warmup:]), 4),
             "precompute_s": round(precompute_s, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "model_flops_per_token": flops, "matmul_gflops": round(peak / 1e9, 2),
+            "model_flops_per_token": round(flops), "matmul_gflops": round(peak / 1e9, 2),
             "fraction_of_matmul_peak": round(flops * tokens_per_s / peak, 3),
             "loss_last": round(stats["loss"], 4)}
 

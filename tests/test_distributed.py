@@ -11,8 +11,10 @@ from conftest import ROOT, TINY_MODEL
 from train import load_checkpoint
 
 # float32: the two runs sum the same gradients in another order, and AdamW's first steps magnify
-# the rounding of near-zero gradients, so the weights agree to 1e-5 and the logged losses to 5e-5
-TOLERANCE, LOSS_TOLERANCE = 1e-5, 5e-5
+# the rounding of near-zero gradients: the weights agree to 2e-5 (4 steps at lr 1e-4 move them
+# about 4e-4, and a shard mix-up would move them differently by that much) and the logged losses
+# to 5e-5
+TOLERANCE, LOSS_TOLERANCE = 2e-5, 5e-5
 
 
 def train_rows(out):

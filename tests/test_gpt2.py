@@ -117,12 +117,14 @@ def test_logits_equal_transformers_gpt2(tmp_path):
     idx = torch.randint(0, 257, (3, 40))
     with torch.no_grad():
         diff = (ours(idx) - hf(idx).logits).abs().max().item()
+    print(f"max abs logit difference, HF's checkpoint in ours: {diff:.1e}")
     assert diff < 1e-4, diff
 
     save_hf_gpt2(random_gpt(2), str(tmp_path / "ours"), eos_id=256)
     back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "ours")).eval()
     with torch.no_grad():
         diff = (random_gpt(2)(idx) - back(idx).logits).abs().max().item()
+    print(f"max abs logit difference, our export in HF's GPT2LMHeadModel: {diff:.1e}")
     assert diff < 1e-4, diff
 
 
