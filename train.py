@@ -79,8 +79,8 @@ class TrainConfig:
     full_logits: bool = knob(False, "compute logits at every position, not only the completion "
                                     "positions (slower; for comparison)")
     # the SFT stage
-    sft_target_acc: float = knob(0.5, "stop SFT once held-out generation accuracy reaches this "
-                                      "(built-in data; 0: never)")
+    sft_target_acc: float = knob(0.5, "stop SFT from random weights once held-out generation "
+                                      "accuracy reaches this (built-in data; 0: never)")
     # the model, when it starts from random weights (otherwise the --init checkpoint's shape)
     n_layer: int = knob(4, "transformer blocks")
     n_head: int = knob(4, "attention heads")
@@ -486,13 +486,12 @@ def reference_train_logps(ref, pairs, cfg, enc, ctx, device):
         return torch.load(path)
     t0 = time.time()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    shares = [(list(range(rank, len(pairs), world)), None)]
-    shares = [(ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids], enc, ctx, device), 1))
-              for ids, _ in shares]
+    ids = list(range(rank, len(pairs), world))  # this rank's share
+    share = (ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids], enc, ctx, device), 1))
+    shares = [share]
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, shares[0])
-        shares = gathered
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
     logps = torch.zeros(len(pairs), 2)
     for ids, values in shares:
         logps[ids] = values
@@ -713,7 +712,7 @@ def train(cfg):
                     metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
                     print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                     log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-                    stop_early = (cfg.loss == "sft" and cfg.sft_target_acc > 0
+                    stop_early = (cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0
                                   and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
                 stop_early = all_mean({"stop": float(stop_early)}, device)["stop"] > 0  # rank 0's say
                 if stop_early:
