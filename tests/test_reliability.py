@@ -131,12 +131,24 @@ def comparable(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
 
 
+def interrupt_args(sft_ckpt, small_pairs):
+    return ["--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "150",
+            "--batch-size", "8", "--lr", "1e-3", "--eval-every", "50"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, sft_ckpt, small_pairs):
+    """The uninterrupted run that the interrupted ones must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    subprocess.run(run_args(out, *interrupt_args(sft_ckpt, small_pairs)), cwd=ROOT, check=True,
+                   capture_output=True)
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_resumes_bitwise(tmp_path, sft_ckpt, small_pairs, sig):
-    common = ["--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "150",
-              "--batch-size", "8", "--lr", "1e-3", "--eval-every", "50"]
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    subprocess.run(run_args(straight, *common), cwd=ROOT, check=True, capture_output=True)
+def test_interrupted_run_resumes_bitwise(tmp_path, sft_ckpt, small_pairs, straight_run, sig):
+    common = interrupt_args(sft_ckpt, small_pairs)
+    straight, interrupted = straight_run, tmp_path / "interrupted"
 
     code, output = start_and_signal(run_args(interrupted, *common),
                                     str(interrupted / "metrics.jsonl"), sig)
