@@ -50,6 +50,8 @@ class TrainConfig:
     loss: str = knob("dpop", "sft, or a preference loss: dpo, dpop, ipo, hinge")
     data: str = knob("arith", "built-in data (arith; arith-hed, the high-edit-distance control) "
                               "or a .jsonl file of prompt/chosen/rejected")
+    eval_data: str = knob("", "evaluate on this data set's held-out pairs and problems instead, "
+                              "and train on all of --data (built-in name or .jsonl)")
     tokenizer: str = knob("byte", "byte (built-in), a tiktoken name (gpt2, ...) or a .tiktoken file")
     init: str = knob("", "checkpoint to start from; empty: sft starts from random weights, and "
                          "preference losses from the default SFT checkpoint (trained if missing)")
@@ -209,21 +211,31 @@ def setup_device(cfg):
     return device, dtype, ctx, scaler
 
 
-def load_data(cfg, enc, block_size):
-    """Tokenized train and eval pairs, and held-out problems with known answers (built-in data only)."""
-    if cfg.data in BUILTIN:
-        ds = builtin_data(cfg.data)
-        train_recs, eval_recs, test = ds["train"], ds["eval"], ds["test"]
-    elif cfg.data.endswith((".jsonl", ".json")) or os.path.exists(cfg.data):
-        records, n_identical = load_preferences(cfg.data)
-        if n_identical:
-            print(f"warning: skipped {n_identical} pairs of {cfg.data} whose chosen equals rejected")
-        random.Random(0).shuffle(records)  # hold out a fixed 5% (at most 256 pairs) for evaluation
-        n_eval = min(256, len(records) // 20)
-        train_recs, eval_recs, test = records[n_eval:], records[:n_eval], []
-    else:
-        raise DataError(f"--data {cfg.data}: not a built-in data set ({', '.join(BUILTIN)}) "
+def read_splits(name, flag):
+    """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs with a
+    fixed 5% (at most 256) held out for evaluation, and no test problems (no known answers)."""
+    if name in BUILTIN:
+        ds = builtin_data(name)
+        return ds["train"], ds["eval"], ds["test"]
+    if not (name.endswith((".jsonl", ".json")) or os.path.exists(name)):
+        raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) "
                         f"nor an existing .jsonl file")
+    records, n_identical = load_preferences(name)
+    if n_identical:
+        print(f"warning: skipped {n_identical} pairs of {name} whose chosen equals rejected")
+    random.Random(0).shuffle(records)
+    n_eval = min(256, len(records) // 20)
+    return records[n_eval:], records[:n_eval], []
+
+
+def load_data(cfg, enc, block_size):
+    """Tokenized train and eval pairs, and held-out problems with known answers (built-in data
+    only): the eval problems (for SFT's early stop and the log) and the test problems (for the
+    summary). With --eval-data, all of --data trains and the other set's held-out data evaluates."""
+    train_recs, eval_recs, test = read_splits(cfg.data, "--data")
+    if cfg.eval_data:
+        train_recs = train_recs + eval_recs  # --data's own held-out pairs train too
+        _, eval_recs, test = read_splits(cfg.eval_data, "--eval-data")
     train, n_cut, n_drop = tokenize_pairs(train_recs, enc, block_size)
     evals, n_cut_e, n_drop_e = tokenize_pairs(eval_recs, enc, block_size)
     if not train:
@@ -557,7 +569,7 @@ def restore(cfg, ckpt_path, model, optimizer, scaler):
 def ensure_sft_reference(cfg):
     """The path of the default SFT checkpoint for cfg's data and seed, trained first if missing."""
     # the SFT recipe is the defaults; only what says which data, model and machine carries over
-    keep = ("data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
+    keep = ("data", "eval_data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
             "sft_target_acc", "max_bad_steps", "dropout") + MODEL_SHAPE
     sft_cfg = resolve(TrainConfig(loss="sft", **{k: getattr(cfg, k) for k in keep}))
     path = os.path.join(sft_cfg.out, "ckpt.pt")

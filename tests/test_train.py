@@ -202,3 +202,15 @@ def test_lr_schedule_warms_up_then_decays():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warm-up
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+def test_eval_data_evaluates_on_another_set(tmp_path, tiny_args, sft_ckpt, small_pairs, capsys):
+    """Train on all 64 pairs of a JSONL file, evaluate on the built-in held-out pairs and problems."""
+    summary = main(tiny_args("x", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs,
+                             "--eval-data", "arith", "--steps", "2", "--batch-size", "4",
+                             "--eval-every", "2"))
+    assert "64 train pairs, 256 eval pairs, 200 test problems" in capsys.readouterr().out
+    assert "gen_accuracy" in summary["trained"] and "gen_accuracy" in summary["reference"]
+    with pytest.raises(SystemExit) as err:
+        main(tiny_args("y", "--init", sft_ckpt, "--eval-data", "nope.jsonl"))
+    assert "nope.jsonl: cannot read the data file" in str(err.value)
