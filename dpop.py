@@ -9,7 +9,7 @@ the corrected revision of July 2024). For a prompt x, chosen completion yw and r
     margin              d = c - r
 
     DPO   loss = -log sigmoid(beta * d)                               (Rafailov et al. 2023, eq. 7)
-    DPOP  loss = -log sigmoid(beta * (d - lam * max(0, -c)))          (Pal et al. 2024, eq. 3)
+    DPOP  loss = -log sigmoid(beta * (d - lam * max(0, -c)))          (Pal et al. 2024)
 
 DPOP's penalty max(0, -c) is zero while the policy keeps the chosen completion at least as likely
 as the reference did, and it sits INSIDE the sigmoid, scaled by beta. (Earlier revisions of the
@@ -70,7 +70,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         loss: one of LOSSES.
             "dpo":   -log sigmoid(beta*d). With label_smoothing eps > 0 it is conservative DPO
                      (Mitchell 2023): -(1-eps) log sigmoid(beta*d) - eps log sigmoid(-beta*d).
-            "dpop":  -log sigmoid(beta*(d - lam*max(0, -c))), Smaug eq. 3; lam = 0 gives DPO.
+            "dpop":  -log sigmoid(beta*(d - lam*max(0, -c))), Smaug's DPOP; lam = 0 gives DPO.
             "ipo":   (d - 1/(2*beta))**2, Azar et al. 2023 (log-probs summed, like the others).
             "hinge": max(0, 1 - beta*d), the SLiC-style hinge.
         beta: the inverse temperature; how far from the reference the policy may move.
