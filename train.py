@@ -167,6 +167,11 @@ def setup_distributed():
         sys.stdout = open(os.devnull, "w")
 
 
+def rank_and_world():
+    """This process's rank and the number of processes: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def all_mean(values, device):
     """The mean over the ranks of a dict of floats, with one all-reduce; as it is without torchrun."""
     if not dist.is_initialized():
@@ -497,7 +502,7 @@ def reference_train_logps(ref, pairs, cfg, enc, ctx, device):
         print(f"reference log-probs from {path}")
         return torch.load(path)
     t0 = time.time()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     ids = list(range(rank, len(pairs), world))  # this rank's share
     share = (ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids], enc, ctx, device), 1))
     shares = [share]
@@ -617,31 +622,31 @@ def optimizer_step(model, optimizer, scaler, cfg, loss):
 
 def train(cfg):
     """Train one stage as cfg says and return its final summary (a dict; empty on ranks > 0)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     master = rank == 0  # under torchrun, only rank 0 evaluates, logs and writes checkpoints
     device, dtype, ctx, scaler = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     enc = load_tokenizer(cfg.tokenizer)
-    init_ckpt = load_init(cfg.init) if cfg.init else None
-    model = build_model(cfg, enc, init_ckpt).to(device)
+    model = build_model(cfg, enc, load_init(cfg.init) if cfg.init else None).to(device)
     train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, model.config.block_size)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
-          f"{dtype}; global batch {cfg.batch_size * cfg.grad_accum * world} pairs = batch size "
+          f"{dtype}; global batch {global_batch} pairs = batch size "
           f"{cfg.batch_size} x grad accum {cfg.grad_accum} x {world} processes")
 
-    # The reference: a frozen copy of the starting model. Its log-probs on the eval pairs are
-    # computed once; on the training pairs, once too when precomputing pays, and then the
-    # reference model is freed.
-    ref = frozen_copy(model) if init_ckpt is not None else None
+    # The reference: a frozen copy of the starting model. Its held-out figures (log-probs on the
+    # eval pairs, accuracy on the test problems) are computed once; its log-probs on the training
+    # pairs too when precomputing pays, and then the reference model is freed.
+    ref = frozen_copy(model) if cfg.init else None
     ref_eval_logps = all_pair_logps(ref, eval_pairs, enc, ctx, device) if ref and eval_pairs else None
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    ref_test_acc = generation_accuracy(ref, enc, test_problems, ctx, device) \
+        if ref and test_problems and master else None
     precompute = cfg.ref_logps == "precompute" or (
         cfg.ref_logps == "auto" and cfg.steps * global_batch >= len(train_pairs))
     ref_train_logps = None
     if ref is not None and cfg.loss != "sft" and precompute:
-        os.makedirs(cfg.out, exist_ok=True)
         ref_train_logps = reference_train_logps(ref, train_pairs, cfg, enc, ctx, device)
     if cfg.loss == "sft" or ref_train_logps is not None:
         ref = None  # not needed in the loop
@@ -751,8 +756,8 @@ def train(cfg):
         if cfg.export_hf:
             save_hf_gpt2(model, cfg.export_hf, eos_id=enc.eot_token)
             print(f"exported a Hugging Face GPT-2 checkpoint to {cfg.export_hf}")
-        summary = summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs,
-                            ref_eval_logps, test_problems)
+        summary = summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test_acc,
+                            test_problems)
     if world > 1:
         dist.barrier()  # the next stage reads this one's checkpoint
     return summary
@@ -769,14 +774,12 @@ def format_row(row, cfg):
                    f" | {row['tokens_per_s']:.0f} tok/s")
 
 
-def summarize(cfg, model, ref, init_ckpt, enc, ctx, device, eval_pairs, ref_eval_logps, problems):
+def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test_acc, problems):
     """Reference vs trained on held-out data; printed, written to <out>/summary.json, returned."""
     trained = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
     summary = {"trained": trained}
-    if init_ckpt is not None:
-        start = build_model(cfg, enc, init_ckpt).to(device) if ref is None else ref
-        summary["reference"] = {"gen_accuracy": generation_accuracy(start, enc, problems, ctx, device)} \
-            if problems else {}
+    if cfg.init:
+        summary["reference"] = {} if ref_test_acc is None else {"gen_accuracy": ref_test_acc}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"--- summary ({cfg.loss}, {len(eval_pairs)} held-out pairs, {len(problems)} held-out problems)")
