@@ -254,6 +254,23 @@ def from_hf_state_dict(sd, config_json=None):
     return model
 
 
+def find_hf_gpt2(name):
+    """The newest snapshot folder of GPT-2 `name` in the Hugging Face cache that holds weights:
+    $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub. LookupError if none."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
+    for repo in (f"models--openai-community--{name}", f"models--{name}"):
+        snapshots = os.path.join(cache, repo, "snapshots")
+        names = os.listdir(snapshots) if os.path.isdir(snapshots) else []
+        found = [os.path.join(snapshots, d) for d in names
+                 if {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(os.path.join(snapshots, d)))]
+        if found:
+            return max(found, key=os.path.getmtime)
+    raise LookupError(f"no {name} weights in the Hugging Face cache {cache}; get config.json and "
+                      f"model.safetensors from huggingface.co/openai-community/{name} into a folder "
+                      f"and pass --init FOLDER (or download them into the cache)")
+
+
 def load_hf_gpt2(path):
     """A GPT from a Hugging Face GPT-2 checkpoint: a folder holding config.json and
     model.safetensors or pytorch_model.bin, or one of those weight files itself."""

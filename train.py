@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import (BUILTIN, DataError, answer_of, batch_indices, builtin_data, collate,
                   load_preferences, load_tokenizer, mean_edit_distance, tokenize_pairs)
 from dpop import LOSSES, completion_logps, preference_loss, preference_metrics, sequence_logps
-from model import GPT, GPT2_SIZES, GPTConfig, load_hf_gpt2, save_hf_gpt2
+from model import GPT, GPT2_SIZES, GPTConfig, find_hf_gpt2, load_hf_gpt2, save_hf_gpt2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,33 +278,16 @@ def load_checkpoint(path):
     return ckpt
 
 
-def hf_cache_snapshot(name):
-    """The newest snapshot folder of GPT-2 `name` in the Hugging Face cache that holds weights."""
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
-        os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface"), "hub")
-    for repo in (f"models--openai-community--{name}", f"models--{name}"):
-        snapshots = os.path.join(cache, repo, "snapshots")
-        found = [os.path.join(snapshots, d) for d in (os.listdir(snapshots) if os.path.isdir(snapshots) else [])
-                 if {"model.safetensors", "pytorch_model.bin"} & set(os.listdir(os.path.join(snapshots, d)))]
-        if found:
-            return max(found, key=os.path.getmtime)
-    raise DataError(f"--init {name}: no {name} weights in the Hugging Face cache {cache}; get "
-                    f"config.json and model.safetensors from huggingface.co/openai-community/{name} "
-                    f"into a folder and pass --init FOLDER (or download them into the cache)")
-
-
 def load_init(spec):
     """The --init weights, as a dict shaped like a train.py checkpoint: from a train.py
     checkpoint; from a Hugging Face GPT-2 folder, model.safetensors or pytorch_model.bin; or from
     a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) looked up in the Hugging Face cache."""
-    if spec in GPT2_SIZES:
-        path = hf_cache_snapshot(spec)
-    elif os.path.isdir(spec) or spec.endswith((".safetensors", ".bin")):
-        path = spec
-    else:
+    if spec not in GPT2_SIZES and not (os.path.isdir(spec) or spec.endswith((".safetensors", ".bin"))):
         return load_checkpoint(spec)
     try:
-        model = load_hf_gpt2(path)
+        model = load_hf_gpt2(find_hf_gpt2(spec) if spec in GPT2_SIZES else spec)
+    except LookupError as e:  # a GPT-2 name that is not in the Hugging Face cache
+        raise DataError(f"--init {spec}: {e.args[0]}") from None
     except FileNotFoundError as e:
         raise DataError(f"--init {spec}: {e.filename or e}: not found") from None
     except Exception as e:
