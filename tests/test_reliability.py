@@ -31,9 +31,17 @@ def error_of(argv):
     (["--grad-accum", "0"], "--grad-accum must be positive"),
     (["--lr", "0"], "--lr must be positive"),
     (["--beta", "-0.1"], "--beta must be positive"),
+    (["--beta", "0"], "--beta must be positive"),
     (["--lam", "-5"], "--lam must be zero or positive"),
+    (["--lam", "-1"], "--lam must be zero or positive"),
     (["--tokenizer", "nope"], "--tokenizer 'nope': not 'byte'"),
     (["--n-layer", "2"], "--n-layer 2, but --init"),
+    (["--data", "missing.jsonl"], "missing.jsonl: cannot read the data file"),
+    (["--data", "arith-xl"], "not a built-in data set"),
+    (["--init", "nope.pt"], "nope.pt: checkpoint not found"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--dtype", "float8"], "--dtype float8: choose"),
+    (["--loss", "dpop", "--label-smoothing", "0.1"], "applies to --loss dpo only"),
 ])
 def test_bad_flags(tiny_args, sft_ckpt, flags, message):
     assert message in error_of(tiny_args("bad", "--init", sft_ckpt, "--steps", "1", *flags))

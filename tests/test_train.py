@@ -170,23 +170,6 @@ def test_low_precision_paths_run_on_cpu(tmp_path, tiny_args, sft_ckpt, small_pai
     assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # weights stay float32
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--beta", "0"], "--beta must be positive"),
-    (["--lam", "-1"], "--lam must be zero or positive"),
-    (["--data", "missing.jsonl"], "missing.jsonl: cannot read the data file"),
-    (["--data", "arith-xl"], "not a built-in data set"),
-    (["--init", "nope.pt"], "nope.pt: checkpoint not found"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
-    (["--dtype", "float8"], "--dtype float8: choose"),
-    (["--loss", "dpop", "--label-smoothing", "0.1"], "applies to --loss dpo only"),
-])
-def test_bad_flags_give_one_line_errors(tmp_path, tiny_args, sft_ckpt, flags, message):
-    init = [] if "--init" in flags else ["--init", sft_ckpt]
-    with pytest.raises(SystemExit) as err:
-        main(tiny_args("bad", "--steps", "1", *init, *flags))
-    assert message in str(err.value) and "\n" not in str(err.value)
-
-
 def test_checkpoint_with_another_vocabulary_is_refused(tmp_path, tiny_args, sft_ckpt):
     ranks = tmp_path / "tiny.tiktoken"  # a valid ranks file with a 300-token vocabulary
     ranks.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)) +
