@@ -5,13 +5,15 @@ The same model shape as ../shared/bench/trl_dpo_bench.py (a GPT-2 of 6 layers, 6
 (imported from ../shared/bench/synth_prefs.py), batch 8, float32, CPU, one thread, 12 optimizer
 steps of which the first 2 are warm-up. It prints one JSON line, counted as TRL's is: non-pad
 tokens per second of the 2B rows, median seconds per optimizer step, peak RSS; and the model
-FLOPs per token with the fraction of the machine's measured float32 matmul throughput they
-reach (on a GPU this would be MFU; this benchmark runs on the CPU).
+FLOPs per token with the fraction of the machine's measured matmul throughput they reach. On a
+GPU (--device cuda) that fraction is the MFU against the card's measured bf16 matmul throughput,
+and the peak GPU memory is printed too.
 
     python bench.py                                   # our step, the reference run every step
     python bench.py --ref-logps precompute            # reference log-probs computed beforehand
     python bench.py --shots 8                         # long prompts, short completions
     python bench.py --vs-trl /tmp/trl-venv/bin/python --rounds 2   # alternate with TRL, a table
+    python bench.py --device cuda --dtype bfloat16 --model gpt2 --batch 32 --shots 8   # a GPU
 """
 import argparse
 import json
@@ -30,7 +32,7 @@ import torch
 from data import collate
 from model import GPT, GPTConfig
 from train import (TrainConfig, forward_backward, frozen_copy, make_optimizer, optimizer_step,
-                   reference_train_logps)
+                   reference_train_logps, to_device)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--ref-logps", choices=("every-step", "precompute"), default="every-step")
     p.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
     p.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="autocast dtype (float16 adds a GradScaler)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
+    p.add_argument("--model", default="bench", choices=("bench", "gpt2"),
+                   help="bench: the TRL harness's 6x6x384 shape; gpt2: GPT-2 124M's 12x12x768")
     p.add_argument("--synth", default=os.path.join(HERE, "..", "shared", "bench"),
                    help="folder of synth_prefs.py (and trl_dpo_bench.py)")
     p.add_argument("--vs-trl", default="", help="python of a venv with TRL: alternate the two")
@@ -52,15 +60,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def matmul_flops_per_s(n=1024, repeats=5):
-    """The machine's float32 matmul throughput on this thread count: the best of a few n^3 GEMMs."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_s(device, dtype, repeats=5):
+    """The machine's matmul throughput: the best of a few n^3 GEMMs (float32 with this thread
+    count on the CPU, n = 1024; bf16 or fp16 on a GPU, n = 8192)."""
+    n = 8192 if device.type == "cuda" else 1024
+    if device.type != "cuda":
+        dtype = torch.float32
+    elif dtype == torch.float32:
+        dtype = torch.bfloat16  # MFU is quoted against the card's bf16 peak
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def model_flops_per_step(config, pairs, ref_every_step):
@@ -82,42 +103,56 @@ def run_ours(args):
     sys.path.insert(0, args.synth)
     import synth_prefs
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=50257)
-    policy = GPT(config)
+    shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256) if args.model == "bench" else \
+        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    config = GPTConfig(vocab_size=50257, **shape)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    policy = GPT(config).to(device)
     ref = frozen_copy(policy)
     raw = synth_prefs.make_pairs(args.steps * args.batch, seed=0, digits=2, shots=args.shots)
     pairs = [tuple(t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
              for t in map(synth_prefs.tokenize_pair, raw)]
     cfg = TrainConfig(loss="dpo", beta=0.1, lr=1e-5, grad_clip=1.0, batch_size=args.batch,
                       full_logits=args.full_logits, out=tempfile.mkdtemp(prefix="dpop_bench_"))
-    ctx, device = nullcontext(), torch.device("cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = make_optimizer(policy, cfg, device, fused=not args.unfused_adamw)
+    train_policy = torch.compile(policy) if args.compile else policy
     precompute_s = 0.0
     table = None
     if args.ref_logps == "precompute":
         t0 = time.perf_counter()
         pad = SimpleNamespace(eot_token=synth_prefs.PAD_ID)  # all that the pass needs of a tokenizer
         table = reference_train_logps(ref, pairs, cfg, pad, ctx, device)
+        sync(device)
         precompute_s = time.perf_counter() - t0
         ref = None  # freed: training needs only the table
     step_s, tokens = [], []
     for step in range(args.steps):
+        sync(device)
         t0 = time.perf_counter()
         ids = list(range(step * args.batch, (step + 1) * args.batch))
-        batch = collate([pairs[i] for i in ids], synth_prefs.PAD_ID)
-        ref_logps = None if table is None else [table[ids].unbind(1)]
-        stats = forward_backward(policy, ref, [batch], cfg, ctx, scaler, ref_logps)
+        batch = to_device(collate([pairs[i] for i in ids], synth_prefs.PAD_ID), device)
+        ref_logps = None if table is None else [table[ids].to(device).unbind(1)]
+        stats = forward_backward(train_policy, ref, [batch], cfg, ctx, scaler, ref_logps)
         optimizer_step(policy, optimizer, scaler, cfg, stats["loss"])
+        sync(device)
         step_s.append(time.perf_counter() - t0)
         tokens.append(sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs[i] for i in ids)))
     steady_s, steady_tokens = sum(step_s[args.warmup:]), sum(tokens[args.warmup:])
     mean_len = statistics.mean(len(p) + len(c) for p, c, _ in pairs)
     tokens_per_s = steady_tokens / steady_s
     flops = model_flops_per_step(config, pairs, args.ref_logps == "every-step") / sum(tokens)
-    peak = matmul_flops_per_s()
+    peak = matmul_flops_per_s(device, dtype)
+    gpu = {} if device.type != "cuda" else {
+        "gpu": torch.cuda.get_device_name(), "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
     return {"harness": "dpop bench.py", "shots": args.shots, "ref_logps": args.ref_logps,
-            "full_logits": args.full_logits, "fused_adamw": not args.unfused_adamw, "threads": args.threads, "params": policy.num_params(),
+            "full_logits": args.full_logits, "fused_adamw": not args.unfused_adamw,
+            "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+            "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,
             "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),
             "steady_step_s_median": round(statistics.median(step_s[args.warmup:]), 4),
             "precompute_s": round(precompute_s, 2),

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The CUDA path, checked on a GPU machine (CI has no GPU, so CI does not run this):
+#   bash .ci/gpu_check.sh [LOGDIR]
+# The demo (bf16 autocast, the default on CUDA), DPO and DPOP, float16 with the GradScaler,
+# torch.compile, torchrun with nccl, and bench.py on a GPT-2-124M-shaped model for throughput and
+# MFU. The test suite runs on the CPU alongside. Each part's log goes to LOGDIR/gpu_check.log;
+# the tail of each is printed. Needs torch with CUDA, tiktoken, numpy, pytest; SYNTH names the
+# folder of synth_prefs.py (default ../shared/bench).
+set -u
+PY=${PYTHON:-python3}
+LOGDIR=${1:-/tmp/gpu_check}
+SYNTH=${SYNTH:-../shared/bench}
+RUNS=$(mktemp -d)
+LOG=$LOGDIR/gpu_check.log
+export PYTHONUNBUFFERED=1
+mkdir -p "$LOGDIR"
+: > "$LOG"
+
+part() {  # part NAME COMMAND...: run it (3 minutes at most), log it, print its tail and time
+  local name=$1; shift
+  if (( SECONDS > 360 )); then echo "=== $name: skipped, out of time"; return; fi
+  local t0=$SECONDS
+  echo "=== $name: $*" | tee -a "$LOG"
+  timeout 180 "$@" > "$RUNS/$name.log" 2>&1
+  local rc=$?
+  cat "$RUNS/$name.log" >> "$LOG"
+  grep -v "^step\|eta" "$RUNS/$name.log" | tail -n 14
+  echo "--- $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), 'bf16', torch.cuda.is_bf16_supported())"
+CUDA_VISIBLE_DEVICES= $PY -m pytest -q -x tests > "$RUNS/pytest.log" 2>&1 &
+TESTS=$!
+
+part demo_dpop $PY train.py --loss dpop --out "$RUNS/dpop"
+part demo_dpo $PY train.py --loss dpo --out "$RUNS/dpo"
+part fp16_dpop $PY train.py --loss dpop --dtype float16 --out "$RUNS/fp16"
+part compile_dpop $PY train.py --loss dpop --compile --out "$RUNS/compile"
+part torchrun_nccl torchrun --standalone --nproc_per_node=1 train.py --loss dpo --steps 100 --out "$RUNS/ddp"
+for run in dpop dpo fp16 compile ddp; do  # the last training row of each: skipped and overflow steps
+  [ -f "$RUNS/$run/metrics.jsonl" ] && echo "$run: $(grep '"loss"' "$RUNS/$run/metrics.jsonl" | tail -n 1)"
+done
+B="$PY bench.py --device cuda --model gpt2 --batch 32 --shots 8 --steps 25 --warmup 5 --synth $SYNTH"
+part bench_bf16 $B --dtype bfloat16
+part bench_bf16_precompute $B --dtype bfloat16 --ref-logps precompute
+part bench_bf16_compile $B --dtype bfloat16 --compile
+part bench_fp16 $B --dtype float16
+part bench_fp32_tf32 $B --dtype float32
+
+wait $TESTS
+echo "=== tests on the CPU (torch of this machine):"; tail -n 5 "$RUNS/pytest.log"
+cat "$RUNS/pytest.log" >> "$LOG"
+echo "total $SECONDS s"
