@@ -45,12 +45,28 @@ def test_generate_greedy_is_argmax_and_stops_at_eos():
     forward = model.forward
     boost = torch.zeros(4, 1, 257)
     boost[0, :, EOS] = 1e4
-    model.forward = lambda idx: forward(idx) + boost
+    model.forward = lambda idx, **kw: forward(idx, **kw) + boost
     out = model.generate(idx, max_new_tokens=5, eos_id=EOS)
     assert out.shape == (4, 8) and (out[0, 3:] == EOS).all()
     # and when every row ends, generation ends
     boost[:, :, EOS] = 1e4
     assert model.generate(idx, max_new_tokens=5, eos_id=EOS).shape == (4, 4)
+
+
+def test_kv_cache_gives_the_logits_of_a_full_forward():
+    model = tiny_gpt()
+    idx = torch.randint(0, 257, (3, 10))
+    full = model(idx)
+    caches = [[] for _ in model.transformer.h]
+    steps = [model(idx[:, :4], caches=caches)]  # a 4-token prompt, then one token at a time
+    steps += [model(idx[:, t:t + 1], caches=caches) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert caches[0][0].shape == (3, 2, 10, 16)  # (B, nh, T, hs) keys of all 10 positions
+    try:
+        model(idx[:, :2], caches=caches)
+        raise AssertionError("two new tokens after a cache must be refused")
+    except ValueError as e:
+        assert "one token at a time" in str(e)
 
 
 def test_generate_sampling_top_k_1_is_greedy():
