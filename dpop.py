@@ -54,10 +54,16 @@ def completion_logps(logits, targets, mask):
     Returns:
         (B,) float32, equal to sequence_logps of the full logits.
     """
-    logits = logits.float()
-    token_logps = logits.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     rows = mask.nonzero()[:, 0]  # (N,) the row each token belongs to
-    return torch.zeros(mask.size(0), device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(mask.size(0), device=logits.device).index_add(
+        0, rows, token_logps(logits, targets[mask]))
+
+
+def token_logps(logits, targets):
+    """The log-prob of each of N tokens, (N,) float32, from their (N, V) logits and (N,) ids:
+    log softmax(logits)[target], without materialising a (N, V) log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,

@@ -1,0 +1,314 @@
+"""The paper's finding, reproduced over seeds: DPO vs DPOP (with IPO and continued SFT beside them).
+
+    python experiment.py            # the full grid, 3 seeds: about 50 minutes on 2 CPU cores
+    python experiment.py --quick    # a smoke run of the same grid, tiny: a minute or two
+    python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
+
+For each seed, every run starts from the same SFT reference and reads its data in the same order:
+  1. the SFT reference: `train.py --loss sft` from random weights (it stops at 50% held-out accuracy)
+  2. arith, the low-edit-distance data (one intermediate result corrupted): DPO, DPOP, IPO, and
+     continued SFT on the chosen completions, the baseline that ignores the rejected ones
+  3. arith-hed, the high-edit-distance control (another problem's solution): DPO, DPOP, IPO.
+     Continued SFT reads only the chosen completions, which are arith's, so arith's run serves.
+  4. self: the rejected completion is the reference's own sampled solution whose final answer is
+     wrong, the chosen the correct worked solution: DPO, DPOP, continued SFT
+and, at the first seed, DPOP with lam 5 and 500 (lam 0 is DPO exactly, lam 50 is the DPOP run).
+Each stage-2 run is `train.py --init <reference>` with the preference defaults (300 steps, batch 32,
+lr 2e-4), continued SFT included, so every method gets the same budget.
+
+Every run is a train.py run in its own folder under --out, with its train.log. A finished run
+(one with summary.json) is skipped, so an interrupted experiment continues where it stopped.
+The tables go to <out>/results.md and the figure to assets/experiment.png (--figure).
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import nullcontext, redirect_stdout
+
+import torch
+
+import train
+from data import answer_of, builtin_data, collate, load_preferences, load_tokenizer, tokenize_pairs
+from dpop import token_logps
+from model import GPT, GPTConfig
+
+STAGE2 = ["--steps", "300", "--batch-size", "32", "--lr", "2e-4"]  # the preference defaults, for all
+METHODS = {"arith": ("dpo", "dpop", "ipo", "sft"), "arith-hed": ("dpo", "dpop", "ipo", "sft"),
+           "self": ("dpo", "dpop", "sft")}
+LAMS = (5.0, 500.0)  # the extra lam values of the sensitivity row; 0 and 50 are the DPO and DPOP runs
+N_SAMPLED = 10000  # training problems the reference answers for the self variant (one sample each)
+QUICK = {"sft": ["--steps", "40", "--sft-target-acc", "0", "--n-layer", "2", "--n-embd", "64"],
+         "stage2": ["--steps", "10", "--batch-size", "8", "--lr", "2e-4", "--eval-every", "10"],
+         "sampled": 256}
+CPU = torch.device("cpu")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--out", default="", help="folder of the runs and results.md (default: "
+                   "out/experiment, or out/experiment-quick)")
+    p.add_argument("--figure", default="", help="where the figure goes (default: "
+                   "assets/experiment.png, or <out>/experiment.png with --quick)")
+    p.add_argument("--quick", action="store_true", help="1 seed, tiny runs: a smoke test")
+    p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds[:1]
+    args.out = args.out or ("out/experiment-quick" if args.quick else "out/experiment")
+    args.figure = args.figure or (os.path.join(args.out, "experiment.png") if args.quick
+                                  else "assets/experiment.png")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: each one is train.py in its own folder
+
+def run(folder, flags):
+    """train.py with flags and --out folder, its output in folder/train.log; skipped when it has
+    finished before. Returns its summary.json."""
+    summary_path = os.path.join(folder, "summary.json")
+    if not os.path.exists(summary_path):
+        t0 = time.time()
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "train.log"), "a") as log, redirect_stdout(log):
+            train.main(flags + ["--out", folder, "--resume"])  # --resume: continue a broken run
+        print(f"  {folder}: {time.time() - t0:.0f}s", flush=True)
+    with open(summary_path) as f:
+        return json.load(f)
+
+
+def load_model(ckpt_path):
+    ckpt = train.load_checkpoint(ckpt_path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def sample_self_pairs(reference, records, enc, seed, path):
+    """Write path, a JSONL file of the self variant: for each record, one solution sampled from the
+    reference (temperature 1); where its final answer is wrong, a pair (prompt, the record's
+    correct worked solution, the sample). Returns the number of pairs."""
+    if os.path.exists(path):
+        return sum(1 for _ in open(path))
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(0, len(records), 512):  # the built-in prompts all have the same token length
+        batch = records[i:i + 512]
+        idx = torch.tensor([[enc.eot_token] + enc.encode_ordinary(r["prompt"]) for r in batch])
+        out = reference.generate(idx, 48, eos_id=enc.eot_token, temperature=1.0, generator=generator)
+        for r, row in zip(batch, out[:, idx.size(1):].tolist()):
+            sample = enc.decode([t for t in row if t != enc.eot_token])
+            if sample and answer_of(sample) != answer_of(r["chosen"]):
+                pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": sample})
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    os.replace(tmp, path)
+    return len(pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements on held-out pairs: log-prob changes, and the token-level view
+
+def changes(model, reference, pairs, enc):
+    """Mean change from the reference of the chosen and rejected log-probs (nats), the margin,
+    and the reward accuracy (the fraction of pairs whose chosen rose more than the rejected)."""
+    chosen, rejected = train.all_pair_logps(model, pairs, enc, nullcontext(), CPU)
+    ref_chosen, ref_rejected = train.all_pair_logps(reference, pairs, enc, nullcontext(), CPU)
+    d_chosen, d_rejected = chosen - ref_chosen, rejected - ref_rejected
+    return {"chosen": d_chosen.mean().item(), "rejected": d_rejected.mean().item(),
+            "margin": (d_chosen - d_rejected).mean().item(),
+            "reward_acc": (d_chosen > d_rejected).float().mean().item()}
+
+
+@torch.no_grad()
+def chosen_token_logps(model, pairs, enc):
+    """The log-prob of each chosen completion token: one (len(chosen),) tensor per pair."""
+    idx, targets, mask = (t[:len(pairs)] for t in collate(pairs, enc.eot_token))  # chosen rows
+    logps = token_logps(model(idx, positions=mask), targets[mask])
+    return logps.split(mask.sum(1).tolist())
+
+
+def token_view(model, reference, pairs, enc):
+    """The paper's token-level argument, measured: the mean change (nats per token) of the chosen
+    completion's tokens before the first token where chosen and rejected differ, at it, and after."""
+    groups = {"before": [], "at": [], "after": []}
+    for policy_logps, ref_logps, (_, c, r) in zip(chosen_token_logps(model, pairs, enc),
+                                                   chosen_token_logps(reference, pairs, enc), pairs):
+        first = next((k for k, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        delta = (policy_logps - ref_logps).tolist()
+        groups["before"] += delta[:first]
+        groups["at"] += delta[first:first + 1]
+        groups["after"] += delta[first + 1:]
+    return {k: statistics.mean(v) for k, v in groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+def experiment(args):
+    t0 = time.time()
+    quick = QUICK if args.quick else {"sft": [], "stage2": STAGE2, "sampled": N_SAMPLED}
+    enc = load_tokenizer("byte")
+    arith = builtin_data("arith")
+    held_out = {name: tokenize_pairs(builtin_data(name)["eval"], enc, 64)[0]
+                for name in ("arith", "arith-hed")}
+    results = []  # one dict per (seed, data, method)
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        root = os.path.join(args.out, f"seed{seed}")
+        sft_path = os.path.join(root, "sft", "ckpt.pt")
+        run(os.path.dirname(sft_path),
+                                ["--loss", "sft", "--data", "arith", "--seed", str(seed)] + quick["sft"])
+        reference = load_model(sft_path)
+        # the self variant's pairs: the reference's wrong answers to training and held-out problems
+        self_train = os.path.join(root, "self-train.jsonl")
+        n_self = sample_self_pairs(reference, arith["train"][:quick["sampled"]], enc, seed, self_train)
+        self_eval = os.path.join(root, "self-eval.jsonl")
+        sample_self_pairs(reference, arith["eval"], enc, seed + 1, self_eval)
+        held_out["self"] = tokenize_pairs(load_preferences(self_eval)[0], enc, 64)[0]
+        print(f"  self: {n_self} of {quick['sampled']} sampled solutions were wrong", flush=True)
+
+        for data, methods in METHODS.items():
+            data_flags = ["--data", data] if data != "self" else ["--data", self_train, "--eval-data", "arith"]
+            for method in methods:
+                runs = [(method, None)]
+                if (data, method) == ("arith", "dpop") and seed == args.seeds[0]:
+                    runs += [(f"dpop-lam{lam:g}", lam) for lam in LAMS]
+                for name, lam in runs:
+                    # continued SFT never reads the rejected completions: arith-hed's run is arith's
+                    folder = os.path.join(root, "arith" if (data, method) == ("arith-hed", "sft") else data, name)
+                    flags = ["--loss", method, "--init", sft_path, "--seed", str(seed), *data_flags,
+                             *quick["stage2"], *([] if lam is None else ["--lam", str(lam)])]
+                    summary = run(folder, flags)
+                    model = load_model(os.path.join(folder, "ckpt.pt"))
+                    row = {"seed": seed, "data": data, "method": name, "lam": lam,
+                           "accuracy": summary["trained"]["gen_accuracy"],
+                           "reference_accuracy": summary["reference"]["gen_accuracy"],
+                           **changes(model, reference, held_out[data], enc)}
+                    if data == "arith":
+                        row["tokens"] = token_view(model, reference, held_out[data], enc)
+                    results.append(row)
+    minutes = (time.time() - t0) / 60
+    report = tables(results, args, minutes)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report)
+    print(report)
+    print(f"{len(results)} runs in {minutes:.1f} minutes; tables in {args.out}/results.md")
+    plot(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting: Markdown tables (mean ± sd over seeds) and the figure
+
+def mean_sd(values, fmt):
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values)).lstrip('+')}"
+
+
+NAMES = {"dpo": "DPO", "dpop": "DPOP (lam 50)", "ipo": "IPO", "sft": "continued SFT"}
+DATA_NAMES = {"arith": "arith (low edit distance)", "arith-hed": "arith-hed (high edit distance)",
+              "self": "self (the reference's own wrong answers)"}
+
+
+def tables(results, args, minutes):
+    seeds = sorted({r["seed"] for r in results})
+    lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sd over seeds. Held-out: generation accuracy on "
+             f"the 200 test problems (greedy); log-prob changes from the SFT reference (nats, summed "
+             f"over the completion) on the held-out pairs of each data variant. "
+             f"{minutes:.0f} minutes{' (--quick)' if args.quick else ''}.", "",
+             "| data | method | generation accuracy | chosen change | rejected change | margin | reward accuracy |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    ref = {r["seed"]: r["reference_accuracy"] for r in results}
+    lines.append(f"| all | SFT reference (the start) | {mean_sd([100 * ref[s] for s in seeds], '{:.1f}%')} "
+                 f"| 0 | 0 | 0 | – |")
+    for data, methods in METHODS.items():
+        for method in methods:
+            rows = [r for r in results if r["data"] == data and r["method"] == method]
+            lines.append(f"| {data} | {NAMES[method]} | " + " | ".join([
+                mean_sd([100 * r["accuracy"] for r in rows], "{:.1f}%"),
+                mean_sd([r["chosen"] for r in rows], "{:+.2f}"),
+                mean_sd([r["rejected"] for r in rows], "{:+.2f}"),
+                mean_sd([r["margin"] for r in rows], "{:+.2f}"),
+                mean_sd([100 * r["reward_acc"] for r in rows], "{:.1f}%")]) + " |")
+    first = seeds[0]
+    lam_rows = [(0.0, "dpo"), (50.0, "dpop")] + [(r["lam"], r["method"]) for r in results
+                                                 if r["lam"] is not None]
+    lines += ["", f"lam sensitivity, arith, seed {first} (lam 0 is DPO exactly):", "",
+              "| lam | generation accuracy | chosen change | rejected change | margin | reward accuracy |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for lam, method in sorted(lam_rows):
+        r = next(r for r in results if r["seed"] == first and r["data"] == "arith" and r["method"] == method)
+        lines.append(f"| {lam:g} | {100 * r['accuracy']:.1f}% | {r['chosen']:+.2f} | {r['rejected']:+.2f} "
+                     f"| {r['margin']:+.2f} | {100 * r['reward_acc']:.1f}% |")
+    lines += ["", "Token-level view, arith held-out pairs: mean change of the chosen completion's token "
+              "log-probs (nats per token) before the first token where chosen and rejected differ, at "
+              "it, and after it:", "",
+              "| method | before | at the first difference | after |", "| --- | --- | --- | --- |"]
+    for method in METHODS["arith"]:
+        rows = [r for r in results if r["data"] == "arith" and r["method"] == method]
+        lines.append(f"| {NAMES[method]} | " + " | ".join(
+            mean_sd([r["tokens"][k] for r in rows], "{:+.3f}") for k in ("before", "at", "after")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(args):
+    """The figure: the mean change of the chosen (top) and rejected (bottom) log-prob on the
+    training batches vs step, DPO vs DPOP, one column per data variant, the seeds' range shaded."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("the figure needs matplotlib, an optional extra: pip install matplotlib; then "
+              "python experiment.py --plot")
+        return
+    seeds = sorted(int(d[4:]) for d in os.listdir(args.out) if d.startswith("seed"))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    for col, data in enumerate(METHODS):
+        for method, colour in (("dpo", "tab:red"), ("dpop", "tab:blue")):
+            curves = []
+            for seed in seeds:
+                path = os.path.join(args.out, f"seed{seed}", data, method, "metrics.jsonl")
+                if os.path.exists(path):
+                    rows = [json.loads(line) for line in open(path)]
+                    curves.append([r for r in rows if "loss" in r])
+            if not curves:
+                continue
+            steps = [r["step"] for r in curves[0]]
+            for row, key in enumerate(("logratio/chosen", "logratio/rejected")):
+                values = torch.tensor([[r[key] for r in c[:len(steps)]] for c in curves])
+                ax = axes[row, col]
+                ax.plot(steps, values.mean(0), color=colour, label=NAMES[method])
+                ax.fill_between(steps, values.min(0).values, values.max(0).values, color=colour, alpha=0.2)
+                ax.axhline(0, color="grey", linewidth=0.5)
+        axes[0, col].set_title(DATA_NAMES[data])
+        axes[1, col].set_xlabel("step")
+    axes[0, 0].set_ylabel("chosen log-prob change (nats)")
+    axes[1, 0].set_ylabel("rejected log-prob change (nats)")
+    axes[0, 0].legend()
+    fig.suptitle(f"DPO vs DPOP from the same SFT reference: mean over seeds {', '.join(map(str, seeds))} "
+                 f"(shaded: min to max), training batches")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
+    fig.savefig(args.figure, dpi=110)
+    print(f"figure: {args.figure}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        plot(args)
+    else:
+        experiment(args)
+
+
+if __name__ == "__main__":
+    main()
