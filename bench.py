@@ -12,6 +12,7 @@ and the peak GPU memory is printed too.
     python bench.py                                   # our step, the reference run every step
     python bench.py --ref-logps precompute            # reference log-probs computed beforehand
     python bench.py --shots 8                         # long prompts, short completions
+    python bench.py --share-prompt                    # one packed row per pair: prompts read once
     python bench.py --vs-trl /tmp/trl-venv/bin/python --rounds 2   # alternate with TRL, a table
     python bench.py --device cuda --dtype bfloat16 --model gpt2 --batch 32 --shots 8   # a GPU
 """
@@ -29,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from data import collate
+from data import collate, collate_shared
 from model import GPT, GPTConfig
 from train import (TrainConfig, forward_backward, frozen_copy, make_optimizer, optimizer_step,
                    reference_train_logps, to_device)
@@ -46,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ref-logps", choices=("every-step", "precompute"), default="every-step")
     p.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
+    p.add_argument("--share-prompt", action="store_true", help="one packed row per pair (a lever on)")
     p.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -84,17 +86,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def model_flops_per_step(config, pairs, ref_every_step):
+def model_flops_per_step(config, pairs, ref_every_step, shared=False):
     """The FLOPs a training step needs, counting matmuls: 6 per weight per token for the policy's
     forward and backward through the blocks, plus attention's 12 * L * T * C per token; the
     vocabulary head (V * C weights) only at completion tokens, the only logits the loss uses; and
-    a third of all that again for the reference's forward when it runs every step."""
+    a third of all that again for the reference's forward when it runs every step. With shared
+    prompts a pair is one row of prompt + chosen + rejected, so its prompt is counted once."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     flops = 0
     for p, c, r in pairs:
-        for n_completion in (len(c), len(r)):
-            T = len(p) + n_completion
-            flops += 6 * (12 * L * C * C * T + V * C * n_completion) + 12 * L * T * T * C
+        rows = [len(p) + len(c) + len(r) - 2] if shared else [len(p) + len(c), len(p) + len(r)]
+        flops += sum(6 * 12 * L * C * C * T + 12 * L * T * T * C for T in rows)
+        flops += 6 * V * C * (len(c) + len(r))
     return flops * (4 / 3 if ref_every_step else 1)
 
 
@@ -135,7 +138,8 @@ def run_ours(args):
         sync(device)
         t0 = time.perf_counter()
         ids = list(range(step * args.batch, (step + 1) * args.batch))
-        batch = to_device(collate([pairs[i] for i in ids], synth_prefs.PAD_ID), device)
+        batch = to_device((collate_shared if args.share_prompt else collate)(
+            [pairs[i] for i in ids], synth_prefs.PAD_ID), device)
         ref_logps = None if table is None else [table[ids].to(device).unbind(1)]
         stats = forward_backward(train_policy, ref, [batch], cfg, ctx, scaler, ref_logps)
         optimizer_step(policy, optimizer, scaler, cfg, stats["loss"])
@@ -145,12 +149,13 @@ def run_ours(args):
     steady_s, steady_tokens = sum(step_s[args.warmup:]), sum(tokens[args.warmup:])
     mean_len = statistics.mean(len(p) + len(c) for p, c, _ in pairs)
     tokens_per_s = steady_tokens / steady_s
-    flops = model_flops_per_step(config, pairs, args.ref_logps == "every-step") / sum(tokens)
+    flops = model_flops_per_step(config, pairs, args.ref_logps == "every-step", args.share_prompt) / sum(tokens)
     peak = matmul_flops_per_s(device, dtype)
     gpu = {} if device.type != "cuda" else {
         "gpu": torch.cuda.get_device_name(), "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
     return {"harness": "dpop bench.py", "shots": args.shots, "ref_logps": args.ref_logps,
-            "full_logits": args.full_logits, "fused_adamw": not args.unfused_adamw,
+            "full_logits": args.full_logits, "share_prompt": args.share_prompt,
+            "fused_adamw": not args.unfused_adamw,
             "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
             "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,
             "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),
@@ -169,7 +174,12 @@ def vs_trl(args):
     sides = {"TRL DPOTrainer": [args.vs_trl, os.path.join(args.synth, "trl_dpo_bench.py"), *common],
              "dpop, reference every step": [sys.executable, __file__, *common, "--synth", args.synth],
              "dpop, precomputed reference": [sys.executable, __file__, *common, "--synth", args.synth,
-                                             "--ref-logps", "precompute"]}
+                                             "--ref-logps", "precompute"],
+             "dpop --share-prompt, reference every step": [sys.executable, __file__, *common, "--synth",
+                                                           args.synth, "--share-prompt"],
+             "dpop --share-prompt, precomputed reference": [sys.executable, __file__, *common, "--synth",
+                                                            args.synth, "--share-prompt", "--ref-logps",
+                                                            "precompute"]}
     results = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, cmd in sides.items():

@@ -291,6 +291,53 @@ def collate(pairs, pad_id):
     return idx, targets, mask
 
 
+def collate_shared(pairs, pad_id):
+    """Pack each pair into ONE row, prompt + chosen + rejected, so that the prompt is read once
+    instead of twice (the rows of `collate` repeat it). The rejected tokens restart their
+    positions after the prompt and may not read the chosen tokens, so every completion token
+    sees exactly what it sees in `collate`'s rows: the log-probs are the same, for less work
+    when prompts are long. A completion's last token is only ever a target, so it is not input.
+
+    Worked example, the pair of `collate`'s docstring (E = end-of-text, also the pad id):
+        prompt [E, '1', '=']   chosen ['1', E]   rejected ['2', '2', E]
+        column    0  1  2  3  4  5
+        idx       E  1  =  1  2  2         prompt, chosen[:-1], rejected[:-1], then padding
+        pos       0  1  2  3  3  4         the rejected tokens restart at the prompt's length
+        attention causal, except that columns 4 and 5 (rejected) do not see column 3 (chosen)
+        chosen targets   '1' read at column 2, E at column 3
+        rejected targets '2' read at column 2, '2' at column 4, E at column 5
+
+    Args:
+        pairs: list of (prompt_ids, chosen_ids, rejected_ids) from tokenize_pairs.
+        pad_id: token id written at padded positions (never a target, so any valid id works).
+    Returns:
+        idx (B, T) long; pos (B, T) long, each token's position; attn_mask (B, T, T) bool, true
+        where a token may read another; where (2, N) long, the (row, column) whose logits
+        predict each of the N completion tokens; targets (N,) long, those tokens; seq (N,) long,
+        the sequence each belongs to: pair i's chosen is i, its rejected B + i.
+    """
+    B = len(pairs)
+    lengths = [len(p) + len(c) + len(r) - 2 for p, c, r in pairs]
+    T = max(lengths)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    attn_mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).repeat(B, 1, 1)
+    rows, cols, targets, seq = [], [], [], []
+    for i, (p, c, r) in enumerate(pairs):
+        P, C = len(p), len(c)
+        idx[i, :lengths[i]] = torch.tensor(p + c[:-1] + r[:-1])
+        pos[i, :P + C - 1] = torch.arange(P + C - 1)
+        pos[i, P + C - 1:lengths[i]] = torch.arange(P, lengths[i] - C + 1)
+        attn_mask[i, P + C - 1:, P:P + C - 1] = False  # rejected (and the padding after it) never read chosen
+        for which, completion, start in ((i, c, P), (B + i, r, P + C - 1)):
+            # the first token is predicted at the prompt's last column, the others at their predecessor's
+            cols += [P - 1] + list(range(start, start + len(completion) - 1))
+            rows += [i] * len(completion)
+            targets += completion
+            seq += [which] * len(completion)
+    return idx, pos, attn_mask, torch.tensor([rows, cols]), torch.tensor(targets), torch.tensor(seq)
+
+
 def batch_indices(n, batch_size, step, seed):
     """The indices of the examples in optimizer step `step`: a pure function of its arguments, so
     a resumed run sees exactly the batches an uninterrupted run would. The data is read as a

@@ -51,7 +51,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, attn_mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # split the width into heads: (B, T, C) -> (B, nh, T, hs)
@@ -63,10 +63,12 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
         # is_causal masks future positions, so right padding never leaks into earlier tokens. A
-        # single new token after cached ones may see them all, so it needs no mask.
+        # single new token after cached ones may see them all, so it needs no mask. Packed rows
+        # (data.collate_shared) bring their own mask, the same for every head.
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=T == k.size(2))  # (B, nh, T, hs)
+            q, k, v, attn_mask=None if attn_mask is None else attn_mask[:, None],
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and T == k.size(2))  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -91,8 +93,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cache, attn_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -132,13 +134,18 @@ class GPT(nn.Module):
         """Parameter count; the tied head is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, positions=None, caches=None):
+    def forward(self, idx, positions=None, caches=None, pos=None, attn_mask=None):
         """idx: (B, T) token ids. Returns logits for every position: (B, T, vocab_size).
 
         With positions, a (B, T) bool mask, returns the logits of those positions only, (N,
         vocab_size) with N = positions.sum(), in row-major order. Training asks for the completion
         positions: the vocabulary head is the biggest matmul of a small GPT, and the prompt and
-        padding logits would only be thrown away.
+        padding logits would only be thrown away. positions may also be a pair of (N,) index
+        tensors, (rows, columns), which may name a position twice.
+
+        pos and attn_mask, for rows that pack several sequences (data.collate_shared): each
+        token's position, (B, T), instead of 0..T-1, and which tokens each token may read,
+        (B, T, T) bool, instead of the causal mask.
 
         caches (generation only): one list per block, empty at first, where each block keeps the
         keys and values of the positions seen so far; a later call then passes only the next
@@ -146,14 +153,15 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         past = caches[0][0].size(2) if caches and caches[0] else 0  # positions already cached
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
+        if pos is None:  # (given positions are the caller's to keep below block_size)
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
+            pos = torch.arange(past, past + T, device=idx.device)
         if past and T != 1:
             raise ValueError("after cached positions, pass one token at a time")
-        pos = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if caches is None else caches[i])
+            x = block(x, None if caches is None else caches[i], attn_mask)
         x = self.transformer.ln_f(x)
         if positions is not None:
             x = x[positions]  # (N, C)

@@ -8,7 +8,7 @@ import tiktoken
 import torch
 
 from conftest import GPT2_RANKS
-from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
+from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate, collate_shared,
                   edit_distance, load_preferences, load_tokenizer, split_shared_prompt, tokenize_pairs)
 
 E = 256  # end-of-text in the byte tokenizer
@@ -204,3 +204,23 @@ def test_implicit_prompt_split_is_a_gpt2_token_boundary(chosen, rejected):
     assert prompt + c == chosen and prompt + r == rejected
     for full, completion in ((chosen, c), (rejected, r)):
         assert enc.encode_ordinary(prompt) + enc.encode_ordinary(completion) == enc.encode_ordinary(full)
+
+
+def test_collate_shared_packs_the_docstring_example():
+    E = 256
+    pairs = [([E, ord("1"), ord("=")], [ord("1"), E], [ord("2"), ord("2"), E]),
+             ([E], [ord("a"), E], [E])]  # a shorter pair: padded; its rejected is a lone E
+    idx, pos, attn_mask, where, targets, seq = collate_shared(pairs, E)
+    assert idx[0].tolist() == [E, ord("1"), ord("="), ord("1"), ord("2"), ord("2")]
+    assert pos[0].tolist() == [0, 1, 2, 3, 3, 4]
+    assert idx[1, :2].tolist() == [E, ord("a")] and pos[1, :2].tolist() == [0, 1]
+    # row 0: the rejected columns 4 and 5 read the prompt and themselves, never column 3
+    assert attn_mask[0, 4].tolist() == [True, True, True, False, True, False]
+    assert attn_mask[0, 5].tolist() == [True, True, True, False, True, True]
+    assert attn_mask[0, 3].tolist() == [True, True, True, True, False, False]  # chosen: causal
+    # (row, column, target, sequence) of every completion token: chosen 0, chosen 1, rejected 0, rejected 1
+    got = list(zip(where[0].tolist(), where[1].tolist(), targets.tolist(), seq.tolist()))
+    assert got == [(0, 2, ord("1"), 0), (0, 3, E, 0),
+                   (0, 2, ord("2"), 2), (0, 4, ord("2"), 2), (0, 5, E, 2),
+                   (1, 0, ord("a"), 1), (1, 1, E, 1),
+                   (1, 0, E, 3)]

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from data import builtin_data, collate, load_tokenizer, tokenize_pairs
+from data import builtin_data, collate, collate_shared, load_tokenizer, tokenize_pairs
 from dpop import completion_logps, sequence_logps
 from model import GPT, GPTConfig
 from train import (TrainConfig, all_pair_logps, forward_backward, frozen_copy, pair_logps,
@@ -50,6 +50,44 @@ def test_completion_only_head_gives_the_same_gradients(loss):
         batches = [collate(pairs[:6], enc.eot_token), collate(pairs[6:], enc.eot_token)]
         cfg = TrainConfig(loss=loss, full_logits=full_logits)
         stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER)
+        results.append((stats, grads_of(policy)))
+    (slow_stats, slow_grads), (fast_stats, fast_grads) = results
+    assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
+    for name, slow in slow_grads.items():
+        assert (fast_grads[name] - slow).abs().max() <= 5e-5 * slow.abs().max(), name
+
+
+def mixed_pairs(enc):
+    """Pairs of unequal prompt and completion lengths, so that packed rows get padding."""
+    records = [{"prompt": "Q: what is 2+2?\nA:", "chosen": " 4", "rejected": " 22, I think"},
+               {"prompt": "", "chosen": "no prompt at all", "rejected": "none"},
+               {"prompt": "x" * 30, "chosen": "y", "rejected": "z"}]
+    return tokenize_pairs(records, enc, 64)[0]
+
+
+def test_shared_prompt_rows_give_the_same_logps():
+    policy, enc, pairs = setup()
+    pairs = pairs[:4] + mixed_pairs(enc)
+    with torch.no_grad():
+        two_rows = pair_logps(policy, collate(pairs, enc.eot_token), nullcontext())
+        one_row = pair_logps(policy, collate_shared(pairs, enc.eot_token), nullcontext())
+    for a, b in zip(one_row, two_rows):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpop"])
+def test_shared_prompt_gives_the_same_gradients(loss):
+    """Tolerances as for the completion-only head above."""
+    results = []
+    for collate_fn in (collate, collate_shared):
+        policy, enc, pairs = setup()
+        pairs = pairs[:6] + mixed_pairs(enc)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        ref = frozen_copy(setup()[0])
+        batches = [collate_fn(pairs[:5], enc.eot_token), collate_fn(pairs[5:], enc.eot_token)]
+        stats = forward_backward(policy, ref, batches, TrainConfig(loss=loss), nullcontext(), NO_SCALER)
         results.append((stats, grads_of(policy)))
     (slow_stats, slow_grads), (fast_stats, fast_grads) = results
     assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
@@ -106,3 +144,19 @@ def test_precomputed_logps_match_per_pair_and_change_with_the_weights(tmp_path):
         policy.transformer.wte.weight.mul_(1.1)
     reference_train_logps(policy, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
     assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 2  # other weights, another cache entry
+
+
+def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt):
+    """The flag reaches the loop: three logged steps agree with and without it."""
+    import json
+    from train import main
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "3", "--batch-size", "8",
+              "--eval-every", "3")
+    main(tiny_args("two_rows", *common))
+    main(tiny_args("one_row", *common, "--share-prompt"))
+    rows = [[r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "loss" in r]
+            for name in ("two_rows", "one_row")]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
