@@ -37,14 +37,16 @@ part demo_dpop $PY train.py --loss dpop --out "$RUNS/dpop"
 part demo_dpo $PY train.py --loss dpo --out "$RUNS/dpo"
 part fp16_dpop $PY train.py --loss dpop --dtype float16 --out "$RUNS/fp16"
 part compile_dpop $PY train.py --loss dpop --compile --out "$RUNS/compile"
+part share_prompt_dpop $PY train.py --loss dpop --share-prompt --out "$RUNS/share"
 part torchrun_nccl torchrun --standalone --nproc_per_node=1 train.py --loss dpo --steps 100 --out "$RUNS/ddp"
-for run in dpop dpo fp16 compile ddp; do  # the last training row of each: skipped and overflow steps
+for run in dpop dpo fp16 compile share ddp; do  # the last training row of each: skipped and overflow steps
   [ -f "$RUNS/$run/metrics.jsonl" ] && echo "$run: $(grep '"loss"' "$RUNS/$run/metrics.jsonl" | tail -n 1)"
 done
 B="$PY bench.py --device cuda --model gpt2 --batch 32 --shots 8 --steps 25 --warmup 5 --synth $SYNTH"
 part bench_bf16 $B --dtype bfloat16
 part bench_bf16_precompute $B --dtype bfloat16 --ref-logps precompute
 part bench_bf16_compile $B --dtype bfloat16 --compile
+part bench_bf16_share_prompt $B --dtype bfloat16 --share-prompt
 part bench_fp16 $B --dtype float16
 part bench_fp32_tf32 $B --dtype float32
 
