@@ -42,6 +42,26 @@ part torchrun_nccl torchrun --standalone --nproc_per_node=1 train.py --loss dpo 
 for run in dpop dpo fp16 compile share ddp; do  # the last training row of each: skipped and overflow steps
   [ -f "$RUNS/$run/metrics.jsonl" ] && echo "$run: $(grep '"loss"' "$RUNS/$run/metrics.jsonl" | tail -n 1)"
 done
+# --share-prompt's packed rows against the two-row layout, GPT-2-124M shape, float32 and bf16
+part share_prompt_logps env SYNTH="$SYNTH" $PY - <<'PYEOF'
+import os, sys, torch
+from contextlib import nullcontext
+sys.path[:0] = [".", os.environ["SYNTH"]]
+import synth_prefs
+from data import collate, collate_shared
+from model import GPT, GPTConfig
+from train import pair_logps, to_device
+torch.manual_seed(0)
+model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)).cuda().eval()
+raw = synth_prefs.make_pairs(32, seed=0, digits=2, shots=8)
+pairs = [tuple(t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for t in map(synth_prefs.tokenize_pair, raw)]
+for name, ctx in (("float32", nullcontext()), ("bfloat16", torch.autocast("cuda", dtype=torch.bfloat16))):
+    with torch.no_grad():
+        a = pair_logps(model, to_device(collate(pairs, 0), torch.device("cuda")), ctx)
+        b = pair_logps(model, to_device(collate_shared(pairs, 0), torch.device("cuda")), ctx)
+    diff = max((x - y).abs().max().item() for x, y in zip(a, b))
+    print(f"{name}: max |two rows - packed| = {diff:.2e} on summed log-probs near {a[0].mean().item():.1f}")
+PYEOF
 B="$PY bench.py --device cuda --model gpt2 --batch 32 --shots 8 --steps 25 --warmup 5 --synth $SYNTH"
 part bench_bf16 $B --dtype bfloat16
 part bench_bf16_precompute $B --dtype bfloat16 --ref-logps precompute
