@@ -161,8 +161,7 @@ def experiment(args):
         print(f"seed {seed}", flush=True)
         root = os.path.join(args.out, f"seed{seed}")
         sft_path = os.path.join(root, "sft", "ckpt.pt")
-        run(os.path.dirname(sft_path),
-                                ["--loss", "sft", "--data", "arith", "--seed", str(seed)] + quick["sft"])
+        run(os.path.dirname(sft_path), ["--loss", "sft", "--data", "arith", "--seed", str(seed), *quick["sft"]])
         reference = load_model(sft_path)
         # the self variant's pairs: the reference's wrong answers to training and held-out problems
         self_train = os.path.join(root, "self-train.jsonl")
