@@ -1,7 +1,7 @@
 """The paper's finding, reproduced over seeds: DPO vs DPOP (with IPO and continued SFT beside them).
 
-    python experiment.py            # the full grid, 3 seeds: about 50 minutes on 2 CPU cores
-    python experiment.py --quick    # a smoke run of the same grid, tiny: a minute or two
+    python experiment.py            # the full grid, 3 seeds, 35 runs: 42 minutes on 2 CPU cores
+    python experiment.py --quick    # a smoke run of the same grid, tiny: about 30 seconds
     python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
 
 For each seed, every run starts from the same SFT reference and reads its data in the same order:
@@ -17,7 +17,8 @@ Each stage-2 run is `train.py --init <reference>` with the preference defaults (
 lr 2e-4), continued SFT included, so every method gets the same budget.
 
 Every run is a train.py run in its own folder under --out, with its train.log. A finished run
-(one with summary.json) is skipped, so an interrupted experiment continues where it stopped.
+(one with summary.json) is skipped, so an interrupted experiment continues where it stopped (and
+the time it prints is then that of the rest only).
 The tables go to <out>/results.md and the figure to assets/experiment.png (--figure).
 """
 import argparse
