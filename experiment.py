@@ -1,6 +1,6 @@
 """The paper's finding, reproduced over seeds: DPO vs DPOP (with IPO and continued SFT beside them).
 
-    python experiment.py            # the full grid, 3 seeds, 35 runs: 42 minutes on 2 CPU cores
+    python experiment.py            # the full grid, 3 seeds, 38 runs: about 46 minutes on 2 CPU cores
     python experiment.py --quick    # a smoke run of the same grid, tiny: about 30 seconds
     python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
 
@@ -11,7 +11,7 @@ For each seed, every run starts from the same SFT reference and reads its data i
   3. arith-hed, the high-edit-distance control (another problem's solution): DPO, DPOP, IPO.
      Continued SFT reads only the chosen completions, which are arith's, so arith's run serves.
   4. self: the rejected completion is the reference's own sampled solution whose final answer is
-     wrong, the chosen the correct worked solution: DPO, DPOP, continued SFT
+     wrong, the chosen the correct worked solution: DPO, DPOP, IPO, continued SFT
 and, at the first seed, DPOP with lam 5 and 500 (lam 0 is DPO exactly, lam 50 is the DPOP run).
 Each stage-2 run is `train.py --init <reference>` with the preference defaults (300 steps, batch 32,
 lr 2e-4), continued SFT included, so every method gets the same budget.
@@ -37,7 +37,7 @@ from model import GPT, GPTConfig
 
 STAGE2 = ["--steps", "300", "--batch-size", "32", "--lr", "2e-4"]  # the preference defaults, for all
 METHODS = {"arith": ("dpo", "dpop", "ipo", "sft"), "arith-hed": ("dpo", "dpop", "ipo", "sft"),
-           "self": ("dpo", "dpop", "sft")}
+           "self": ("dpo", "dpop", "ipo", "sft")}
 LAMS = (5.0, 500.0)  # the extra lam values of the sensitivity row; 0 and 50 are the DPO and DPOP runs
 N_SAMPLED = 10000  # training problems the reference answers for the self variant (one sample each)
 QUICK = {"sft": ["--steps", "40", "--sft-target-acc", "0", "--n-layer", "2", "--n-embd", "64"],

@@ -20,7 +20,7 @@ def test_quick_mode_runs_the_whole_grid_and_resumes(tmp_path, capsys):
     for lam in ("0", "5", "50", "500"):
         assert f"\n| {lam} | " in report
     results = json.load(open(os.path.join(out, "results.json")))
-    assert len(results) == 4 + 4 + 3 + 2  # arith, arith-hed, self, the two extra lam values
+    assert len(results) == 4 + 4 + 4 + 2  # arith, arith-hed, self, the two extra lam values
     assert all(set(r["tokens"]) == {"before", "at", "after"} for r in results if r["data"] == "arith")
     # the self variant: each rejected is one of the reference's samples with a wrong final answer
     pairs = [json.loads(line) for line in open(os.path.join(out, "seed1", "self-train.jsonl"))]
