@@ -1,6 +1,6 @@
 """The paper's finding, reproduced over seeds: DPO vs DPOP (with IPO and continued SFT beside them).
 
-    python experiment.py            # the full grid, 3 seeds, 38 runs: about 46 minutes on 2 CPU cores
+    python experiment.py            # the full grid, 3 seeds, 38 runs: about 45 minutes on 2 CPU cores
     python experiment.py --quick    # a smoke run of the same grid, tiny: about 30 seconds
     python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
 
