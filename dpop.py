@@ -55,8 +55,20 @@ def completion_logps(logits, targets, mask):
         (B,) float32, equal to sequence_logps of the full logits.
     """
     rows = mask.nonzero()[:, 0]  # (N,) the row each token belongs to
-    return torch.zeros(mask.size(0), device=logits.device).index_add(
-        0, rows, token_logps(logits, targets[mask]))
+    return summed_logps(logits, targets[mask], rows, mask.size(0))
+
+
+def summed_logps(logits, targets, seq, n_seq):
+    """Per-sequence sums of token log-probs, for tokens in any order or layout.
+
+    Args:
+        logits: (N, V) the logits that predict each of N tokens.
+        targets: (N,) the tokens' ids.
+        seq: (N,) the sequence each token belongs to, in 0..n_seq-1.
+    Returns:
+        (n_seq,) float32.
+    """
+    return torch.zeros(n_seq, device=logits.device).index_add(0, seq, token_logps(logits, targets))
 
 
 def token_logps(logits, targets):

@@ -33,7 +33,6 @@ import torch
 import train
 from data import answer_of, builtin_data, collate, load_preferences, load_tokenizer, tokenize_pairs
 from dpop import token_logps
-from model import GPT, GPTConfig
 
 STAGE2 = ["--steps", "300", "--batch-size", "32", "--lr", "2e-4"]  # the preference defaults, for all
 METHODS = {"arith": ("dpo", "dpop", "ipo", "sft"), "arith-hed": ("dpo", "dpop", "ipo", "sft"),
@@ -82,10 +81,7 @@ def run(folder, flags):
 
 
 def load_model(ckpt_path):
-    ckpt = train.load_checkpoint(ckpt_path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return train.model_from_checkpoint(ckpt_path)[0].eval()
 
 
 def sample_self_pairs(reference, records, enc, seed, path):
@@ -94,16 +90,11 @@ def sample_self_pairs(reference, records, enc, seed, path):
     correct worked solution, the sample). Returns the number of pairs."""
     if os.path.exists(path):
         return sum(1 for _ in open(path))
-    generator = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i in range(0, len(records), 512):  # the built-in prompts all have the same token length
-        batch = records[i:i + 512]
-        idx = torch.tensor([[enc.eot_token] + enc.encode_ordinary(r["prompt"]) for r in batch])
-        out = reference.generate(idx, 48, eos_id=enc.eot_token, temperature=1.0, generator=generator)
-        for r, row in zip(batch, out[:, idx.size(1):].tolist()):
-            sample = enc.decode([t for t in row if t != enc.eot_token])
-            if sample and answer_of(sample) != answer_of(r["chosen"]):
-                pairs.append({"prompt": r["prompt"], "chosen": r["chosen"], "rejected": sample})
+    samples = train.complete(reference, enc, [r["prompt"] for r in records], nullcontext(), CPU,
+                             temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": sample}
+             for r, sample in zip(records, samples)
+             if sample and answer_of(sample) != answer_of(r["chosen"])]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -114,11 +105,18 @@ def sample_self_pairs(reference, records, enc, seed, path):
 # ---------------------------------------------------------------------------------------------
 # Measurements on held-out pairs: log-prob changes, and the token-level view
 
-def changes(model, reference, pairs, enc):
-    """Mean change from the reference of the chosen and rejected log-probs (nats), the margin,
-    and the reward accuracy (the fraction of pairs whose chosen rose more than the rejected)."""
+def measure(model, pairs, enc):
+    """What the tables need of a model on held-out pairs: the summed chosen and rejected
+    log-probs, (N,) each, and the chosen completions' token log-probs (chosen_token_logps)."""
     chosen, rejected = train.all_pair_logps(model, pairs, enc, nullcontext(), CPU)
-    ref_chosen, ref_rejected = train.all_pair_logps(reference, pairs, enc, nullcontext(), CPU)
+    return chosen, rejected, chosen_token_logps(model, pairs, enc)
+
+
+def changes(policy, reference):
+    """Mean change from the reference of the chosen and rejected log-probs (nats), the margin,
+    and the reward accuracy (the fraction of pairs whose chosen rose more than the rejected).
+    policy, reference: measure() of each on the same pairs."""
+    (chosen, rejected, _), (ref_chosen, ref_rejected, _) = policy, reference
     d_chosen, d_rejected = chosen - ref_chosen, rejected - ref_rejected
     return {"chosen": d_chosen.mean().item(), "rejected": d_rejected.mean().item(),
             "margin": (d_chosen - d_rejected).mean().item(),
@@ -133,12 +131,12 @@ def chosen_token_logps(model, pairs, enc):
     return logps.split(mask.sum(1).tolist())
 
 
-def token_view(model, reference, pairs, enc):
+def token_view(policy, reference, pairs):
     """The paper's token-level argument, measured: the mean change (nats per token) of the chosen
-    completion's tokens before the first token where chosen and rejected differ, at it, and after."""
+    completion's tokens before the first token where chosen and rejected differ, at it, and after.
+    policy, reference: measure() of each on pairs."""
     groups = {"before": [], "at": [], "after": []}
-    for policy_logps, ref_logps, (_, c, r) in zip(chosen_token_logps(model, pairs, enc),
-                                                   chosen_token_logps(reference, pairs, enc), pairs):
+    for policy_logps, ref_logps, (_, c, r) in zip(policy[2], reference[2], pairs):
         first = next((k for k, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
         delta = (policy_logps - ref_logps).tolist()
         groups["before"] += delta[:first]
@@ -171,6 +169,7 @@ def experiment(args):
         sample_self_pairs(reference, arith["eval"], enc, seed + 1, self_eval)
         held_out["self"] = tokenize_pairs(load_preferences(self_eval)[0], enc, 64)[0]
         print(f"  self: {n_self} of {quick['sampled']} sampled solutions were wrong", flush=True)
+        ref_measures = {data: measure(reference, held_out[data], enc) for data in METHODS}  # once a seed
 
         for data, methods in METHODS.items():
             data_flags = ["--data", data] if data != "self" else ["--data", self_train, "--eval-data", "arith"]
@@ -184,13 +183,13 @@ def experiment(args):
                     flags = ["--loss", method, "--init", sft_path, "--seed", str(seed), *data_flags,
                              *quick["stage2"], *([] if lam is None else ["--lam", str(lam)])]
                     summary = run(folder, flags)
-                    model = load_model(os.path.join(folder, "ckpt.pt"))
+                    measured = measure(load_model(os.path.join(folder, "ckpt.pt")), held_out[data], enc)
                     row = {"seed": seed, "data": data, "method": name, "lam": lam,
                            "accuracy": summary["trained"]["gen_accuracy"],
                            "reference_accuracy": summary["reference"]["gen_accuracy"],
-                           **changes(model, reference, held_out[data], enc)}
+                           **changes(measured, ref_measures[data])}
                     if data == "arith":
-                        row["tokens"] = token_view(model, reference, held_out[data], enc)
+                        row["tokens"] = token_view(measured, ref_measures[data], held_out[data])
                     results.append(row)
     minutes = (time.time() - t0) / 60
     report = tables(results, args, minutes)

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import (BUILTIN, DataError, answer_of, batch_indices, builtin_data, collate,
                   collate_shared, load_preferences, load_tokenizer, mean_edit_distance, tokenize_pairs)
 from dpop import (LOSSES, completion_logps, preference_loss, preference_metrics, sequence_logps,
-                  token_logps)
+                  summed_logps)
 from model import GPT, GPT2_SIZES, GPTConfig, find_hf_gpt2, load_hf_gpt2, save_hf_gpt2
 
 
@@ -336,13 +336,19 @@ def load_weights(model, state_dict, path):
         raise DataError(f"{path}: the weights do not fit the model ({first})") from None
 
 
+def model_from_checkpoint(ckpt_path):
+    """The GPT of a train.py checkpoint, with its weights; and the checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    load_weights(model, ckpt["model"], ckpt_path)
+    return model, ckpt
+
+
 def export_checkpoint(ckpt_path, folder):
     """Write a train.py checkpoint as a Hugging Face GPT-2 checkpoint, without training:
         python -c "import train; train.export_checkpoint('out/dpop-arith-seed1337/ckpt.pt', 'hf')"
     """
-    ckpt = load_checkpoint(ckpt_path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    load_weights(model, ckpt["model"], ckpt_path)
+    model, ckpt = model_from_checkpoint(ckpt_path)
     eos_id = load_tokenizer(ckpt["config"]["tokenizer"]).eot_token
     save_hf_gpt2(model, folder, eos_id=eos_id)
 
@@ -385,8 +391,7 @@ def pair_logps(model, batch, ctx, full_logits=False):
         idx, pos, attn_mask, where, targets, seq = batch
         with ctx:
             logits = model(idx, positions=(where[0], where[1]), pos=pos, attn_mask=attn_mask)  # (N, V)
-        logps = torch.zeros(2 * idx.size(0), device=idx.device).index_add(0, seq, token_logps(logits, targets))
-        return logps.chunk(2)
+        return summed_logps(logits, targets, seq, 2 * idx.size(0)).chunk(2)
     idx, targets, mask = batch
     with ctx:
         if full_logits:
@@ -464,22 +469,31 @@ def all_pair_logps(model, pairs, enc, ctx, device, batch_size=64):
 
 
 @torch.no_grad()
-def generation_accuracy(model, enc, problems, ctx, device, max_new_tokens=48):
-    """Fraction of problems whose greedy completion states the right final answer. Prompts of
-    equal token length are decoded together as one batch (no padding needed)."""
+def complete(model, enc, prompts, ctx, device, max_new_tokens=48, batch_size=512, **sampling):
+    """The model's completion of each prompt, as text, in prompt order: greedy, or sampled with
+    generate's temperature, top_k and generator. Prompts of equal token length are decoded
+    together, batch_size at a time (no padding needed)."""
     model.eval()
     by_length = {}
-    for prompt, answer in problems:
+    for i, prompt in enumerate(prompts):
         ids = [enc.eot_token] + enc.encode_ordinary(prompt)
-        by_length.setdefault(len(ids), []).append((ids, answer))
-    correct = 0
+        by_length.setdefault(len(ids), []).append((i, ids))
+    texts = [None] * len(prompts)
     for n, group in by_length.items():
-        idx = torch.tensor([ids for ids, _ in group], device=device)
-        with ctx:
-            out = model.generate(idx, max_new_tokens, eos_id=enc.eot_token)
-        for row, (_, answer) in zip(out[:, n:].tolist(), group):
-            text = enc.decode([t for t in row if t != enc.eot_token])
-            correct += answer_of(text) == answer
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            idx = torch.tensor([ids for _, ids in batch], device=device)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, eos_id=enc.eot_token, **sampling)
+            for (i, _), row in zip(batch, out[:, n:].tolist()):
+                texts[i] = enc.decode([t for t in row if t != enc.eot_token])
+    return texts
+
+
+def generation_accuracy(model, enc, problems, ctx, device):
+    """Fraction of problems whose greedy completion states the right final answer."""
+    texts = complete(model, enc, [prompt for prompt, _ in problems], ctx, device)
+    correct = sum(answer_of(text) == answer for text, (_, answer) in zip(texts, problems))
     return correct / max(1, len(problems))
 
 

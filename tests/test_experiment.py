@@ -41,14 +41,15 @@ def test_token_view_is_zero_for_the_reference_and_sums_to_the_sequence_change():
                {"prompt": "5+5=", "chosen": "answer 10", "rejected": "answer 11"}]
     pairs = tokenize_pairs(records, enc, 64)[0]
     reference = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).eval()
-    assert experiment.token_view(reference, reference, pairs, enc) == {"before": 0, "at": 0, "after": 0}
+    ref = experiment.measure(reference, pairs, enc)
+    assert experiment.token_view(ref, ref, pairs) == {"before": 0, "at": 0, "after": 0}
     policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).eval()
     per_token = experiment.chosen_token_logps(policy, pairs, enc)
     chosen, _ = train.all_pair_logps(policy, pairs, enc, experiment.nullcontext(), experiment.CPU)
     torch.testing.assert_close(torch.stack([t.sum() for t in per_token]), chosen)
     # the first difference is completion token 11 of pair 0 ("4" vs "5") and token 8 of pair 1 ("0" vs "1")
     assert [len(t) for t in per_token] == [len(pairs[0][1]), len(pairs[1][1])]
-    view = experiment.token_view(policy, reference, pairs, enc)
+    view = experiment.token_view(experiment.measure(policy, pairs, enc), ref, pairs)
     deltas = [(p - r).tolist() for p, r in zip(per_token, experiment.chosen_token_logps(reference, pairs, enc))]
     before = deltas[0][:11] + deltas[1][:8]
     assert abs(view["before"] - sum(before) / len(before)) < 1e-6
