@@ -184,10 +184,8 @@ class GPT(nn.Module):
         caches = [[] for _ in self.transformer.h] if idx.size(1) + max_new_tokens <= self.config.block_size else None
         new = idx  # what the next forward reads: everything at first, then the last token if cached
         for _ in range(max_new_tokens):
-            if caches is not None:
-                logits = self(new, caches=caches)[:, -1, :].float()  # (B, vocab)
-            else:
-                logits = self(idx[:, -self.config.block_size:])[:, -1, :].float()
+            context = new if caches is not None else idx[:, -self.config.block_size:]
+            logits = self(context, caches=caches)[:, -1, :].float()  # (B, vocab)
             if temperature == 0.0:
                 next_id = logits.argmax(dim=-1)
             else:
