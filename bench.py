@@ -171,15 +171,13 @@ def vs_trl(args):
     """Alternate TRL's harness and ours, each in a fresh process; print a Markdown table."""
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
               "--threads", str(args.threads), "--shots", str(args.shots)]
+    ours = [sys.executable, __file__, *common, "--synth", args.synth]
+    precompute, share = ["--ref-logps", "precompute"], ["--share-prompt"]
     sides = {"TRL DPOTrainer": [args.vs_trl, os.path.join(args.synth, "trl_dpo_bench.py"), *common],
-             "dpop, reference every step": [sys.executable, __file__, *common, "--synth", args.synth],
-             "dpop, precomputed reference": [sys.executable, __file__, *common, "--synth", args.synth,
-                                             "--ref-logps", "precompute"],
-             "dpop --share-prompt, reference every step": [sys.executable, __file__, *common, "--synth",
-                                                           args.synth, "--share-prompt"],
-             "dpop --share-prompt, precomputed reference": [sys.executable, __file__, *common, "--synth",
-                                                            args.synth, "--share-prompt", "--ref-logps",
-                                                            "precompute"]}
+             "dpop, reference every step": ours,
+             "dpop, precomputed reference": ours + precompute,
+             "dpop --share-prompt, reference every step": ours + share,
+             "dpop --share-prompt, precomputed reference": ours + share + precompute}
     results = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, cmd in sides.items():

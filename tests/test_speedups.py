@@ -26,6 +26,38 @@ def grads_of(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def mixed_pairs(enc):
+    """Pairs of unequal prompt and completion lengths, so that packed rows get padding."""
+    records = [{"prompt": "Q: what is 2+2?\nA:", "chosen": " 4", "rejected": " 22, I think"},
+               {"prompt": "", "chosen": "no prompt at all", "rejected": "none"},
+               {"prompt": "x" * 30, "chosen": "y", "rejected": "z"}]
+    return tokenize_pairs(records, enc, 64)[0]
+
+
+def one_step(loss, collate_fn=collate, full_logits=False, mixed=False):
+    """forward_backward over two micro-batches, the policy first moved away from its reference so
+    that DPOP's penalty acts: (stats, gradients). mixed: 6 built-in pairs and mixed_pairs."""
+    policy, enc, pairs = setup()
+    if mixed:
+        pairs = pairs[:6] + mixed_pairs(enc)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ref = frozen_copy(setup()[0])
+    split = (len(pairs) + 1) // 2
+    batches = [collate_fn(pairs[:split], enc.eot_token), collate_fn(pairs[split:], enc.eot_token)]
+    cfg = TrainConfig(loss=loss, full_logits=full_logits)
+    stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER)
+    return stats, grads_of(policy)
+
+
+def assert_same_step(slow, fast):
+    (slow_stats, slow_grads), (fast_stats, fast_grads) = slow, fast
+    assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
+    for name, slow in slow_grads.items():
+        assert (fast_grads[name] - slow).abs().max() <= 5e-5 * slow.abs().max(), name
+
+
 def test_completion_only_logits_equal_full_logits():
     policy, enc, pairs = setup()
     batch = collate(pairs, enc.eot_token)
@@ -40,29 +72,7 @@ def test_completion_only_head_gives_the_same_gradients(loss):
     """The same loss to 1e-5, and each gradient tensor to 5e-5 of its largest entry: an untrained
     model's summed log-probs are near -220, where float32 resolves 1.5e-5, and DPOP's lam = 50
     magnifies that (its gradients reach 50 here)."""
-    results = []
-    for full_logits in (True, False):
-        policy, enc, pairs = setup()
-        with torch.no_grad():  # move the policy away from the reference, so DPOP's penalty acts
-            for p in policy.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        ref = frozen_copy(setup()[0])
-        batches = [collate(pairs[:6], enc.eot_token), collate(pairs[6:], enc.eot_token)]
-        cfg = TrainConfig(loss=loss, full_logits=full_logits)
-        stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER)
-        results.append((stats, grads_of(policy)))
-    (slow_stats, slow_grads), (fast_stats, fast_grads) = results
-    assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
-    for name, slow in slow_grads.items():
-        assert (fast_grads[name] - slow).abs().max() <= 5e-5 * slow.abs().max(), name
-
-
-def mixed_pairs(enc):
-    """Pairs of unequal prompt and completion lengths, so that packed rows get padding."""
-    records = [{"prompt": "Q: what is 2+2?\nA:", "chosen": " 4", "rejected": " 22, I think"},
-               {"prompt": "", "chosen": "no prompt at all", "rejected": "none"},
-               {"prompt": "x" * 30, "chosen": "y", "rejected": "z"}]
-    return tokenize_pairs(records, enc, 64)[0]
+    assert_same_step(one_step(loss, full_logits=True), one_step(loss, full_logits=False))
 
 
 def test_shared_prompt_rows_give_the_same_logps():
@@ -78,21 +88,7 @@ def test_shared_prompt_rows_give_the_same_logps():
 @pytest.mark.parametrize("loss", ["dpo", "dpop"])
 def test_shared_prompt_gives_the_same_gradients(loss):
     """Tolerances as for the completion-only head above."""
-    results = []
-    for collate_fn in (collate, collate_shared):
-        policy, enc, pairs = setup()
-        pairs = pairs[:6] + mixed_pairs(enc)
-        with torch.no_grad():
-            for p in policy.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        ref = frozen_copy(setup()[0])
-        batches = [collate_fn(pairs[:5], enc.eot_token), collate_fn(pairs[5:], enc.eot_token)]
-        stats = forward_backward(policy, ref, batches, TrainConfig(loss=loss), nullcontext(), NO_SCALER)
-        results.append((stats, grads_of(policy)))
-    (slow_stats, slow_grads), (fast_stats, fast_grads) = results
-    assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
-    for name, slow in slow_grads.items():
-        assert (fast_grads[name] - slow).abs().max() <= 5e-5 * slow.abs().max(), name
+    assert_same_step(one_step(loss, mixed=True), one_step(loss, collate_shared, mixed=True))
 
 
 def test_sft_loss_is_the_mean_token_nll():
