@@ -33,7 +33,7 @@ import torch
 from data import collate, collate_shared
 from model import GPT, GPTConfig
 from train import (TrainConfig, forward_backward, frozen_copy, make_optimizer, optimizer_step,
-                   reference_train_logps, to_device)
+                   reference_train_logps, sparse_embedding_grad, to_device)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
     p.add_argument("--share-prompt", action="store_true", help="one packed row per pair (a lever on)")
     p.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
+    p.add_argument("--dense-embedding-grad", action="store_true",
+                   help="wte's lookup gradient dense, not sparse (a lever off)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="autocast dtype (float16 adds a GradScaler)")
@@ -123,6 +125,8 @@ def run_ours(args):
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = make_optimizer(policy, cfg, device, fused=not args.unfused_adamw)
+    if not args.dense_embedding_grad:
+        sparse_embedding_grad(policy, device, world=1)
     train_policy = torch.compile(policy) if args.compile else policy
     precompute_s = 0.0
     table = None
@@ -156,6 +160,7 @@ def run_ours(args):
     return {"harness": "dpop bench.py", "shots": args.shots, "ref_logps": args.ref_logps,
             "full_logits": args.full_logits, "share_prompt": args.share_prompt,
             "fused_adamw": not args.unfused_adamw,
+            "sparse_embedding_grad": policy.transformer.wte.sparse,
             "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
             "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,
             "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),

@@ -359,6 +359,16 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def sparse_embedding_grad(model, device, world):
+    """wte is tied to lm_head, so its gradient has two shares: the head's, dense (every logit
+    touches every row), and the token lookup's, zero except at the rows of the batch's tokens.
+    On a CPU the lookup's share is made sparse and added onto the head's, rather than built as a
+    second zero-filled (vocab, n_embd) tensor: the same sum, in less memory and time (bench.py
+    measures it; --dense-embedding-grad there turns it off). wte.weight.grad is still dense.
+    DDP insists on one layout per parameter, and GPUs were not measured: both keep the default."""
+    model.transformer.wte.sparse = device.type == "cpu" and world == 1
+
+
 def make_optimizer(model, cfg, device, fused=True):
     """AdamW; matrices and embeddings are decayed, biases and LayerNorm gains are not. The fused
     kernel (one pass over each tensor) is about 3x faster than the default on CPUs too."""
@@ -659,6 +669,7 @@ def train(cfg):
     if cfg.loss == "sft" or ref_train_logps is not None:
         ref = None  # not needed in the loop
 
+    sparse_embedding_grad(model, device, world)
     optimizer = make_optimizer(model, cfg, device)
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
     start_step = restore(cfg, ckpt_path, model, optimizer, scaler) if cfg.resume else 0

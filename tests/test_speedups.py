@@ -9,7 +9,7 @@ from data import builtin_data, collate, collate_shared, load_tokenizer, tokenize
 from dpop import completion_logps, sequence_logps
 from model import GPT, GPTConfig
 from train import (TrainConfig, all_pair_logps, forward_backward, frozen_copy, pair_logps,
-                   reference_train_logps, sft_loss)
+                   reference_train_logps, sft_loss, sparse_embedding_grad)
 
 NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
@@ -34,10 +34,12 @@ def mixed_pairs(enc):
     return tokenize_pairs(records, enc, 64)[0]
 
 
-def one_step(loss, collate_fn=collate, full_logits=False, mixed=False):
+def one_step(loss, collate_fn=collate, full_logits=False, mixed=False, sparse=False):
     """forward_backward over two micro-batches, the policy first moved away from its reference so
-    that DPOP's penalty acts: (stats, gradients). mixed: 6 built-in pairs and mixed_pairs."""
+    that DPOP's penalty acts: (stats, gradients). mixed: 6 built-in pairs and mixed_pairs.
+    sparse: the token lookup's share of wte's gradient sparse (train.sparse_embedding_grad)."""
     policy, enc, pairs = setup()
+    policy.transformer.wte.sparse = sparse
     if mixed:
         pairs = pairs[:6] + mixed_pairs(enc)
     with torch.no_grad():
@@ -89,6 +91,23 @@ def test_shared_prompt_rows_give_the_same_logps():
 def test_shared_prompt_gives_the_same_gradients(loss):
     """Tolerances as for the completion-only head above."""
     assert_same_step(one_step(loss, mixed=True), one_step(loss, collate_shared, mixed=True))
+
+
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "sft"])
+def test_sparse_embedding_grad_gives_the_same_dense_gradients(loss):
+    """Tolerances as above. The tied lm_head's share is dense, so the sum is a dense tensor,
+    which the fused AdamW and the gradient clipping need."""
+    dense, sparse = one_step(loss), one_step(loss, sparse=True)
+    assert_same_step(dense, sparse)
+    assert not sparse[1]["transformer.wte.weight"].is_sparse
+
+
+def test_sparse_embedding_grad_where_it_was_measured():
+    policy = setup()[0]
+    sparse_embedding_grad(policy, torch.device("cpu"), world=1)
+    assert policy.transformer.wte.sparse
+    sparse_embedding_grad(policy, torch.device("cpu"), world=2)  # DDP wants dense gradients
+    assert not policy.transformer.wte.sparse
 
 
 def test_sft_loss_is_the_mean_token_nll():
