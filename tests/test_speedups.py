@@ -103,11 +103,15 @@ def test_sparse_embedding_grad_gives_the_same_dense_gradients(loss):
 
 
 def test_sparse_embedding_grad_where_it_was_measured():
-    policy = setup()[0]
-    sparse_embedding_grad(policy, torch.device("cpu"), world=1)
-    assert policy.transformer.wte.sparse
-    sparse_embedding_grad(policy, torch.device("cpu"), world=2)  # DDP wants dense gradients
-    assert not policy.transformer.wte.sparse
+    cpu = torch.device("cpu")
+    big = GPT(GPTConfig(vocab_size=50257, n_layer=1, n_head=1, n_embd=8, block_size=8))
+    sparse_embedding_grad(big, cpu, world=1)
+    assert big.transformer.wte.sparse
+    sparse_embedding_grad(big, cpu, world=2)  # DDP wants dense gradients
+    assert not big.transformer.wte.sparse
+    byte_vocab = setup()[0]
+    sparse_embedding_grad(byte_vocab, cpu, world=1)
+    assert not byte_vocab.transformer.wte.sparse
 
 
 def test_sft_loss_is_the_mean_token_nll():
