@@ -1,9 +1,11 @@
 """Speed-ups never change the maths: each one on and off gives the same losses and gradients
 (float32; tolerances stated per test)."""
+import os
 from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import GPT2_RANKS
 
 from data import builtin_data, collate, collate_shared, load_tokenizer, tokenize_pairs
 from dpop import completion_logps, sequence_logps
@@ -175,6 +177,32 @@ def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt):
     main(tiny_args("one_row", *common, "--share-prompt"))
     rows = [[r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "loss" in r]
             for name in ("two_rows", "one_row")]
+    assert len(rows[0]) == len(rows[1]) == 3
+    for a, b in zip(*rows):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
+def test_sparse_embedding_grad_trains_as_the_dense_one(tmp_path, tiny_args, small_pairs, monkeypatch):
+    """With GPT-2's vocabulary the loop makes the lookup's gradient sparse; three logged steps
+    (fused AdamW, clipping, checkpoint) agree with the dense layout's."""
+    import json
+    import train
+    common = ("--loss", "sft", "--tokenizer", GPT2_RANKS, "--data", small_pairs, "--steps", "3",
+              "--batch-size", "8", "--eval-every", "3")
+    seen, real = [], train.sparse_embedding_grad
+
+    def spy(model, device, world):
+        real(model, device, world)
+        seen.append(model.transformer.wte.sparse)
+    monkeypatch.setattr(train, "sparse_embedding_grad", spy)
+    train.main(tiny_args("sparse", *common))
+    assert seen == [True]
+    monkeypatch.setattr(train, "sparse_embedding_grad", lambda *args: None)
+    train.main(tiny_args("dense", *common))
+    rows = [[r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "loss" in r]
+            for name in ("sparse", "dense")]
     assert len(rows[0]) == len(rows[1]) == 3
     for a, b in zip(*rows):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
