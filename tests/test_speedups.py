@@ -1,5 +1,6 @@
 """Speed-ups never change the maths: each one on and off gives the same losses and gradients
 (float32; tolerances stated per test)."""
+import json
 import os
 from contextlib import nullcontext
 
@@ -60,6 +61,16 @@ def assert_same_step(slow, fast):
     assert fast_stats["loss"] == pytest.approx(slow_stats["loss"], abs=1e-5)
     for name, slow in slow_grads.items():
         assert (fast_grads[name] - slow).abs().max() <= 5e-5 * slow.abs().max(), name
+
+
+def assert_same_logged_steps(slow_out, fast_out, n):
+    """Two runs of train.main logged the same n training steps (loss to 1e-5, grad norm to 1e-4)."""
+    rows = [[r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+            for out in (slow_out, fast_out)]
+    assert len(rows[0]) == len(rows[1]) == n
+    for a, b in zip(*rows):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
 def test_completion_only_logits_equal_full_logits():
@@ -169,25 +180,18 @@ def test_precomputed_logps_match_per_pair_and_change_with_the_weights(tmp_path):
 
 def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt):
     """The flag reaches the loop: three logged steps agree with and without it."""
-    import json
     from train import main
     common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "3", "--batch-size", "8",
               "--eval-every", "3")
     main(tiny_args("two_rows", *common))
     main(tiny_args("one_row", *common, "--share-prompt"))
-    rows = [[r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "loss" in r]
-            for name in ("two_rows", "one_row")]
-    assert len(rows[0]) == len(rows[1]) == 3
-    for a, b in zip(*rows):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert_same_logged_steps(tmp_path / "two_rows", tmp_path / "one_row", 3)
 
 
 @pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
 def test_sparse_embedding_grad_trains_as_the_dense_one(tmp_path, tiny_args, small_pairs, monkeypatch):
     """With GPT-2's vocabulary the loop makes the lookup's gradient sparse; three logged steps
     (fused AdamW, clipping, checkpoint) agree with the dense layout's."""
-    import json
     import train
     common = ("--loss", "sft", "--tokenizer", GPT2_RANKS, "--data", small_pairs, "--steps", "3",
               "--batch-size", "8", "--eval-every", "3")
@@ -201,9 +205,4 @@ def test_sparse_embedding_grad_trains_as_the_dense_one(tmp_path, tiny_args, smal
     assert seen == [True]
     monkeypatch.setattr(train, "sparse_embedding_grad", lambda *args: None)
     train.main(tiny_args("dense", *common))
-    rows = [[r for r in map(json.loads, open(tmp_path / name / "metrics.jsonl")) if "loss" in r]
-            for name in ("sparse", "dense")]
-    assert len(rows[0]) == len(rows[1]) == 3
-    for a, b in zip(*rows):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert_same_logged_steps(tmp_path / "dense", tmp_path / "sparse", 3)
