@@ -18,6 +18,7 @@ and the peak GPU memory is printed too.
 """
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
     p.add_argument("--share-prompt", action="store_true", help="one packed row per pair (a lever on)")
     p.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
+    p.add_argument("--manual-attention", action="store_true",
+                   help="textbook attention instead of torch's SDPA (a lever off)")
     p.add_argument("--dense-embedding-grad", action="store_true",
                    help="wte's lookup gradient dense, not sparse (a lever off)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -83,6 +86,18 @@ def matmul_flops_per_s(device, dtype, repeats=5):
     return 2 * n ** 3 / best
 
 
+def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """softmax(q k^T / sqrt(head size), masked) v, the (B, nh, T, T) scores built in full: what
+    F.scaled_dot_product_attention computes without materialising them. No dropout (the
+    benchmark runs without it)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if is_causal:
+        attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -105,6 +120,8 @@ def model_flops_per_step(config, pairs, ref_every_step, shared=False):
 
 def run_ours(args):
     torch.set_num_threads(args.threads)
+    if args.manual_attention:
+        torch.nn.functional.scaled_dot_product_attention = manual_attention  # this process only
     sys.path.insert(0, args.synth)
     import synth_prefs
     torch.manual_seed(0)
@@ -159,7 +176,7 @@ def run_ours(args):
         "gpu": torch.cuda.get_device_name(), "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
     return {"harness": "dpop bench.py", "shots": args.shots, "ref_logps": args.ref_logps,
             "full_logits": args.full_logits, "share_prompt": args.share_prompt,
-            "fused_adamw": not args.unfused_adamw,
+            "fused_adamw": not args.unfused_adamw, "sdpa": not args.manual_attention,
             "sparse_embedding_grad": policy.transformer.wte.sparse,
             "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
             "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,

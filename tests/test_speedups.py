@@ -127,6 +127,16 @@ def test_sparse_embedding_grad_where_it_was_measured():
     assert not byte_vocab.transformer.wte.sparse
 
 
+@pytest.mark.parametrize("collate_fn", [collate, collate_shared])
+def test_manual_attention_gives_the_same_gradients(collate_fn, monkeypatch):
+    """bench.py --manual-attention, SDPA's lever off, computes the same attention, causal and
+    with packed rows' masks. Tolerances as above."""
+    from bench import manual_attention
+    sdpa = one_step("dpop", collate_fn, mixed=True)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", manual_attention)
+    assert_same_step(sdpa, one_step("dpop", collate_fn, mixed=True))
+
+
 def test_sft_loss_is_the_mean_token_nll():
     policy, enc, pairs = setup()
     batch = collate(pairs, enc.eot_token)
