@@ -35,8 +35,7 @@ from data import answer_of, builtin_data, collate, load_preferences, load_tokeni
 from dpop import token_logps
 
 STAGE2 = ["--steps", "300", "--batch-size", "32", "--lr", "2e-4"]  # the preference defaults, for all
-METHODS = {"arith": ("dpo", "dpop", "ipo", "sft"), "arith-hed": ("dpo", "dpop", "ipo", "sft"),
-           "self": ("dpo", "dpop", "ipo", "sft")}
+METHODS = dict.fromkeys(("arith", "arith-hed", "self"), ("dpo", "dpop", "ipo", "sft"))  # per data
 LAMS = (5.0, 500.0)  # the extra lam values of the sensitivity row; 0 and 50 are the DPO and DPOP runs
 N_SAMPLED = 10000  # training problems the reference answers for the self variant (one sample each)
 QUICK = {"sft": ["--steps", "40", "--sft-target-acc", "0", "--n-layer", "2", "--n-embd", "64"],

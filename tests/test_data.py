@@ -207,7 +207,6 @@ def test_implicit_prompt_split_is_a_gpt2_token_boundary(chosen, rejected):
 
 
 def test_collate_shared_packs_the_docstring_example():
-    E = 256
     pairs = [([E, ord("1"), ord("=")], [ord("1"), E], [ord("2"), ord("2"), E]),
              ([E], [ord("a"), E], [E])]  # a shorter pair: padded; its rejected is a lone E
     idx, pos, attn_mask, where, targets, seq = collate_shared(pairs, E)
