@@ -18,7 +18,6 @@ and the peak GPU memory is printed too.
 """
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -31,10 +30,11 @@ from types import SimpleNamespace
 
 import torch
 
-from data import collate, collate_shared
+from data import collate
+from extras.speedups import (collate_shared, manual_attention, reference_train_logps,
+                             sparse_embedding_grad, to_device)
 from model import GPT, GPTConfig
-from train import (TrainConfig, forward_backward, frozen_copy, make_optimizer, optimizer_step,
-                   reference_train_logps, sparse_embedding_grad, to_device)
+from train import TrainConfig, all_pair_logps, batch_loss, frozen_copy, make_optimizer, optimizer_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -84,18 +84,6 @@ def matmul_flops_per_s(device, dtype, repeats=5):
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
-
-def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
-    """softmax(q k^T / sqrt(head size), masked) v, the (B, nh, T, T) scores built in full: what
-    F.scaled_dot_product_attention computes without materialising them. No dropout (the
-    benchmark runs without it)."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
-    if is_causal:
-        attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return scores.softmax(-1) @ v
 
 
 def sync(device):
@@ -150,7 +138,8 @@ def run_ours(args):
     if args.ref_logps == "precompute":
         t0 = time.perf_counter()
         pad = SimpleNamespace(eot_token=synth_prefs.PAD_ID)  # all that the pass needs of a tokenizer
-        table = reference_train_logps(ref, pairs, cfg, pad, ctx, device)
+        table = reference_train_logps(ref, pairs, cfg.out,
+                                      lambda m, some: all_pair_logps(m, some, pad, ctx, device))
         sync(device)
         precompute_s = time.perf_counter() - t0
         ref = None  # freed: training needs only the table
@@ -161,9 +150,11 @@ def run_ours(args):
         ids = list(range(step * args.batch, (step + 1) * args.batch))
         batch = to_device((collate_shared if args.share_prompt else collate)(
             [pairs[i] for i in ids], synth_prefs.PAD_ID), device)
-        ref_logps = None if table is None else [table[ids].to(device).unbind(1)]
-        stats = forward_backward(train_policy, ref, [batch], cfg, ctx, scaler, ref_logps)
-        optimizer_step(policy, optimizer, scaler, cfg, stats["loss"])
+        ref_logps = None if table is None else table[ids].to(device).unbind(1)
+        with ctx:  # the loop's step with one micro-batch: forward, backward, update
+            loss, stats = batch_loss(train_policy, ref, batch, cfg, ref_logps)
+        scaler.scale(loss).backward()
+        optimizer_step(policy, optimizer, scaler, cfg.grad_clip, stats["loss"])
         sync(device)
         step_s.append(time.perf_counter() - t0)
         tokens.append(sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs[i] for i in ids)))

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -218,6 +219,24 @@ def answer_of(text):
     return int(found[-1]) if found else None
 
 
+def read_splits(name, flag="--data"):
+    """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs with a fixed
+    5% (at most 256) held out for evaluation, and no test problems (no known answers). flag names
+    the command-line flag in error messages."""
+    if name in BUILTIN:
+        ds = builtin_data(name)
+        return ds["train"], ds["eval"], ds["test"]
+    if not (name.endswith((".jsonl", ".json")) or os.path.exists(name)):
+        raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) "
+                        f"nor an existing .jsonl file")
+    records, n_identical = load_preferences(name)
+    if n_identical:
+        print(f"warning: skipped {n_identical} pairs of {name} whose chosen equals rejected")
+    random.Random(0).shuffle(records)
+    n_eval = min(256, len(records) // 20)
+    return records[n_eval:], records[:n_eval], []
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizing pairs and batching them
 
@@ -258,6 +277,13 @@ def tokenize_pairs(records, enc, block_size):
     return pairs, n_truncated, n_dropped
 
 
+class Batch(NamedTuple):
+    """What collate returns: the B chosen rows, then the B rejected rows (all CPU tensors)."""
+    idx: torch.Tensor      # (2B, T) long: the tokens the model reads
+    targets: torch.Tensor  # (2B, T) long: the token that follows each of them
+    mask: torch.Tensor     # (2B, T) bool: true where the target is a completion token
+
+
 def collate(pairs, pad_id):
     """Stack a batch of B pairs into 2B rows: the B chosen rows first, then the B rejected rows,
     so that one forward pass serves both. The target shift happens here, once.
@@ -276,7 +302,8 @@ def collate(pairs, pad_id):
         pairs: list of (prompt_ids, chosen_ids, rejected_ids) from tokenize_pairs.
         pad_id: token id written at padded positions (masked out, so any valid id works).
     Returns:
-        idx (2B, T) long, targets (2B, T) long, mask (2B, T) bool, with T the longest row minus 1.
+        Batch(idx (2B, T) long, targets (2B, T) long, mask (2B, T) bool), with T the longest row
+        minus 1.
     """
     rows = [(p, p + c) for p, c, _ in pairs] + [(p, p + r) for p, _, r in pairs]
     T = max(len(seq) for _, seq in rows) - 1
@@ -288,54 +315,7 @@ def collate(pairs, pad_id):
         idx[i, :n] = torch.tensor(seq[:-1])
         targets[i, :n] = torch.tensor(seq[1:])
         mask[i, len(prompt) - 1:n] = True  # targets[t] = seq[t+1]: the completion starts at t = len(prompt)-1
-    return idx, targets, mask
-
-
-def collate_shared(pairs, pad_id):
-    """Pack each pair into ONE row, prompt + chosen + rejected, so that the prompt is read once
-    instead of twice (the rows of `collate` repeat it). The rejected tokens restart their
-    positions after the prompt and may not read the chosen tokens, so every completion token
-    sees exactly what it sees in `collate`'s rows: the log-probs are the same, for less work
-    when prompts are long. A completion's last token is only ever a target, so it is not input.
-
-    Worked example, the pair of `collate`'s docstring (E = end-of-text, also the pad id):
-        prompt [E, '1', '=']   chosen ['1', E]   rejected ['2', '2', E]
-        column    0  1  2  3  4  5
-        idx       E  1  =  1  2  2         prompt, chosen[:-1], rejected[:-1], then padding
-        pos       0  1  2  3  3  4         the rejected tokens restart at the prompt's length
-        attention causal, except that columns 4 and 5 (rejected) do not see column 3 (chosen)
-        chosen targets   '1' read at column 2, E at column 3
-        rejected targets '2' read at column 2, '2' at column 4, E at column 5
-
-    Args:
-        pairs: list of (prompt_ids, chosen_ids, rejected_ids) from tokenize_pairs.
-        pad_id: token id written at padded positions (never a target, so any valid id works).
-    Returns:
-        idx (B, T) long; pos (B, T) long, each token's position; attn_mask (B, T, T) bool, true
-        where a token may read another; where (2, N) long, the (row, column) whose logits
-        predict each of the N completion tokens; targets (N,) long, those tokens; seq (N,) long,
-        the sequence each belongs to: pair i's chosen is i, its rejected B + i.
-    """
-    B = len(pairs)
-    lengths = [len(p) + len(c) + len(r) - 2 for p, c, r in pairs]
-    T = max(lengths)
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, T), dtype=torch.long)
-    attn_mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).repeat(B, 1, 1)
-    rows, cols, targets, seq = [], [], [], []
-    for i, (p, c, r) in enumerate(pairs):
-        P, C = len(p), len(c)
-        idx[i, :lengths[i]] = torch.tensor(p + c[:-1] + r[:-1])
-        pos[i, :P + C - 1] = torch.arange(P + C - 1)
-        pos[i, P + C - 1:lengths[i]] = torch.arange(P, lengths[i] - C + 1)
-        attn_mask[i, P + C - 1:, P:P + C - 1] = False  # rejected (and the padding after it) never read chosen
-        for which, completion, start in ((i, c, P), (B + i, r, P + C - 1)):
-            # the first token is predicted at the prompt's last column, the others at their predecessor's
-            cols += [P - 1] + list(range(start, start + len(completion) - 1))
-            rows += [i] * len(completion)
-            targets += completion
-            seq += [which] * len(completion)
-    return idx, pos, attn_mask, torch.tensor([rows, cols]), torch.tensor(targets), torch.tensor(seq)
+    return Batch(idx, targets, mask)
 
 
 def batch_indices(n, batch_size, step, seed):

@@ -14,12 +14,19 @@ the corrected revision of July 2024). For a prompt x, chosen completion yw and r
 DPOP's penalty max(0, -c) is zero while the policy keeps the chosen completion at least as likely
 as the reference did, and it sits INSIDE the sigmoid, scaled by beta. (Earlier revisions of the
 paper circulated two other bracketings; this is the corrected one.) With lam = 0 DPOP is DPO.
+
+Read it in order: the textbook path first (sequence_logps, preference_loss, preference_metrics),
+then the faster equivalents that train.py uses by default (completion_logps and its helpers): the
+same sums without the logits that the loss throws away. Tests pin each fast one to the textbook one.
 """
 import torch
 import torch.nn.functional as F
 
 LOSSES = ("dpo", "dpop", "ipo", "hinge")
 
+
+# ---------------------------------------------------------------------------------------------
+# The textbook path: log-probs of whole sequences, the losses, the metrics
 
 def sequence_logps(logits, targets, mask):
     """Sum of the log-probs of the target tokens where mask is true: log p(completion | prompt).
@@ -39,43 +46,6 @@ def sequence_logps(logits, targets, mask):
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)     # (B, T)
     # where() rather than a multiply: a masked position holding -inf or NaN must not leak in
     return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(-1)
-
-
-def completion_logps(logits, targets, mask):
-    """The same sums as sequence_logps, from the logits of the completion positions only.
-
-    With long prompts, most positions are prompt or padding, whose logits sequence_logps throws
-    away. The model can compute just the masked ones (GPT.forward(idx, positions=mask)); then
-    the (B, T, V) logits and their float32 copy never exist, only (N, V).
-
-    Args:
-        logits: (N, V) logits at the N positions where mask is true, in row-major order.
-        targets, mask: (B, T) as for sequence_logps.
-    Returns:
-        (B,) float32, equal to sequence_logps of the full logits.
-    """
-    rows = mask.nonzero()[:, 0]  # (N,) the row each token belongs to
-    return summed_logps(logits, targets[mask], rows, mask.size(0))
-
-
-def summed_logps(logits, targets, seq, n_seq):
-    """Per-sequence sums of token log-probs, for tokens in any order or layout.
-
-    Args:
-        logits: (N, V) the logits that predict each of N tokens.
-        targets: (N,) the tokens' ids.
-        seq: (N,) the sequence each token belongs to, in 0..n_seq-1.
-    Returns:
-        (n_seq,) float32.
-    """
-    return torch.zeros(n_seq, device=logits.device).index_add(0, seq, token_logps(logits, targets))
-
-
-def token_logps(logits, targets):
-    """The log-prob of each of N tokens, (N,) float32, from their (N, V) logits and (N,) ids:
-    log softmax(logits)[target], without materialising a (N, V) log-softmax."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -154,3 +124,43 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,
         "logratio/rejected": (rejected_rewards / beta).mean().item(),
         "penalty/active": (chosen_rewards < 0).float().mean().item(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Faster equivalents: the same sums from the completion positions' logits only
+
+def completion_logps(logits, targets, mask):
+    """The same sums as sequence_logps, from the logits of the completion positions only.
+
+    With long prompts, most positions are prompt or padding, whose logits sequence_logps throws
+    away. The model can compute just the masked ones (GPT.forward(idx, logits_at=mask)); then
+    the (B, T, V) logits and their float32 copy never exist, only (N, V).
+
+    Args:
+        logits: (N, V) logits at the N positions where mask is true, in row-major order.
+        targets, mask: (B, T) as for sequence_logps.
+    Returns:
+        (B,) float32, equal to sequence_logps of the full logits.
+    """
+    rows = mask.nonzero()[:, 0]  # (N,) the row each token belongs to
+    return summed_logps(logits, targets[mask], rows, mask.size(0))
+
+
+def summed_logps(logits, targets, seq, n_seq):
+    """Per-sequence sums of token log-probs, for tokens in any order or layout.
+
+    Args:
+        logits: (N, V) the logits that predict each of N tokens.
+        targets: (N,) the tokens' ids.
+        seq: (N,) the sequence each token belongs to, in 0..n_seq-1.
+    Returns:
+        (n_seq,) float32.
+    """
+    return torch.zeros(n_seq, device=logits.device).index_add(0, seq, token_logps(logits, targets))
+
+
+def token_logps(logits, targets):
+    """The log-prob of each of N tokens, (N,) float32, from their (N, V) logits and (N,) ids:
+    log softmax(logits)[target], without materialising a (N, V) log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

@@ -31,6 +31,8 @@ from contextlib import nullcontext, redirect_stdout
 import torch
 
 import train
+from extras.runtime import model_from_checkpoint
+from extras.speedups import complete
 from data import answer_of, builtin_data, collate, load_preferences, load_tokenizer, tokenize_pairs
 from dpop import token_logps
 
@@ -80,7 +82,7 @@ def run(folder, flags):
 
 
 def load_model(ckpt_path):
-    return train.model_from_checkpoint(ckpt_path)[0].eval()
+    return model_from_checkpoint(ckpt_path)[0].eval()
 
 
 def sample_self_pairs(reference, records, enc, seed, path):
@@ -89,7 +91,7 @@ def sample_self_pairs(reference, records, enc, seed, path):
     correct worked solution, the sample). Returns the number of pairs."""
     if os.path.exists(path):
         return sum(1 for _ in open(path))
-    samples = train.complete(reference, enc, [r["prompt"] for r in records], nullcontext(), CPU,
+    samples = complete(reference, enc, [r["prompt"] for r in records], nullcontext(), CPU,
                              temperature=1.0, generator=torch.Generator().manual_seed(seed))
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": sample}
              for r, sample in zip(records, samples)
@@ -126,7 +128,7 @@ def changes(policy, reference):
 def chosen_token_logps(model, pairs, enc):
     """The log-prob of each chosen completion token: one (len(chosen),) tensor per pair."""
     idx, targets, mask = (t[:len(pairs)] for t in collate(pairs, enc.eot_token))  # chosen rows
-    logps = token_logps(model(idx, positions=mask), targets[mask])
+    logps = token_logps(model(idx, logits_at=mask), targets[mask])
     return logps.split(mask.sum(1).tolist())
 
 

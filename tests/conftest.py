@@ -12,6 +12,25 @@ GPT2_RANKS = os.path.join(ROOT, "..", "shared", "data", "gpt2.tiktoken")
 TINY_MODEL = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48"]
 
 
+def forward_backward(model, ref, batches, cfg, ref_logps=None):
+    """One optimizer step's forward and backward as train.py's loop does it (CPU, float32): each
+    micro-batch's loss divided by their number, so the gradients add up to the mean's; returns
+    the metrics' mean over micro-batches. ref_logps: None, or precomputed ones per micro-batch."""
+    from train import batch_loss
+    stats = {}
+    for i, batch in enumerate(batches):
+        loss, micro = batch_loss(model, ref, batch, cfg, None if ref_logps is None else ref_logps[i])
+        (loss / len(batches)).backward()
+        for k, v in micro.items():
+            stats[k] = stats.get(k, 0.0) + v / len(batches)
+    return stats
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: subprocess, torchrun and experiment runs; "
+                            "python -m pytest -m 'not slow' is the fast lesson subset")
+
+
 @pytest.fixture
 def tiny_args(tmp_path):
     """Flags for a fast run on the built-in data, writing into a temporary folder."""

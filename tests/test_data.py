@@ -5,10 +5,10 @@ import random
 
 import pytest
 import tiktoken
-import torch
 
 from conftest import GPT2_RANKS
-from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate, collate_shared,
+from extras.speedups import collate_shared
+from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
                   edit_distance, load_preferences, load_tokenizer, split_shared_prompt, tokenize_pairs)
 
 E = 256  # end-of-text in the byte tokenizer

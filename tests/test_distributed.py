@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL
-from train import load_checkpoint
+from extras.runtime import load_checkpoint
 
 # float32: the two runs sum the same gradients in another order, and AdamW's first steps magnify
 # the rounding of near-zero gradients: the weights agree to 2e-5 (4 steps at lr 1e-4 move them
@@ -22,6 +22,7 @@ def train_rows(out):
     return [r for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_rank, ref_logps, loss", [
     (["--batch-size", "2", "--grad-accum", "2"], "every-step", "dpop"),
     # each rank precomputes half the reference log-probs, then they are gathered. DPO, because
@@ -56,13 +57,12 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
 
 
 def test_gradients_sync_only_on_the_last_micro_batch(tmp_path, monkeypatch):
-    """Under DDP, forward_backward runs every micro-batch but the last under no_sync."""
-    from contextlib import nullcontext
+    """Under DDP, the loop's runtime.sync_gradients runs every micro-batch but the last under
+    no_sync; without DDP it never does."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from data import builtin_data, collate, load_tokenizer, tokenize_pairs
+    from extras.runtime import sync_gradients
     from model import GPT, GPTConfig
-    from train import TrainConfig, forward_backward
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -73,12 +73,11 @@ def test_gradients_sync_only_on_the_last_micro_batch(tmp_path, monkeypatch):
             entered.append(1)
             return real_no_sync(self)
         monkeypatch.setattr(DDP, "no_sync", counting_no_sync)
-        enc = load_tokenizer("byte")
-        pairs, _, _ = tokenize_pairs(builtin_data("arith")["train"][:6], enc, 48)
-        model = DDP(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48)))
-        batches = [collate(pairs[i:i + 2], enc.eot_token) for i in (0, 2, 4)]
-        forward_backward(model, None, batches, TrainConfig(loss="sft"), nullcontext(),
-                         torch.amp.GradScaler("cpu", enabled=False))
-        assert len(entered) == 2  # micro-batches 1 and 2 of 3
+        plain = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48))
+        for model in (plain, DDP(plain)):
+            for m in range(3):
+                with sync_gradients(model, last=m == 2):
+                    model(torch.randint(0, 257, (2, 8))).sum().backward()
+        assert len(entered) == 2  # micro-batches 1 and 2 of 3, under DDP only
     finally:
         dist.destroy_process_group()

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dpop import LOSSES, preference_loss, preference_metrics, sequence_logps
 

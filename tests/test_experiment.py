@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 import experiment
@@ -10,6 +11,7 @@ from data import answer_of, load_tokenizer, tokenize_pairs
 from model import GPT, GPTConfig
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_the_whole_grid_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "exp")
     experiment.main(["--quick", "--out", out])

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-import train
 from conftest import GPT2_RANKS
-from model import (GPT, GPTConfig, load_hf_gpt2, read_safetensors, save_hf_gpt2,
-                   write_safetensors)
-from train import load_checkpoint, main
+from extras.hf_gpt2 import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
+from extras.runtime import export_checkpoint, load_checkpoint
+from model import GPT, GPTConfig
+from train import main
 
 try:
     import transformers
@@ -165,7 +165,7 @@ def test_export_hf_after_training(tmp_path, sft_ckpt, small_pairs):
     model.load_state_dict(ckpt["model"])
     idx = torch.randint(0, 257, (2, 16))
     assert torch.equal(load_hf_gpt2(str(tmp_path / "hf")).eval()(idx), model(idx))
-    train.export_checkpoint(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "hf2"))
+    export_checkpoint(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "hf2"))
     assert torch.equal(load_hf_gpt2(str(tmp_path / "hf2")).eval()(idx), model(idx))
     if transformers is not None:
         hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()

@@ -2,7 +2,8 @@
 import torch
 
 from model import GPT, GPTConfig
-from train import build_model, load_checkpoint, save_checkpoint, TrainConfig
+from extras.runtime import load_checkpoint, save_checkpoint
+from train import build_model, TrainConfig
 
 EOS = 256
 

@@ -11,7 +11,8 @@ import torch
 
 import train
 from conftest import ROOT, TINY_MODEL
-from train import load_checkpoint, main
+from extras.runtime import load_checkpoint
+from train import main
 
 
 def error_of(argv):
@@ -153,6 +154,7 @@ def straight_run(tmp_path_factory, sft_ckpt, small_pairs):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_resumes_bitwise(tmp_path, sft_ckpt, small_pairs, straight_run, sig):
     common = interrupt_args(sft_ckpt, small_pairs)
@@ -174,6 +176,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path, sft_ckpt, small_pairs, straig
     assert comparable(straight) == comparable(interrupted)
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, sft_ckpt, small_pairs):
     """A checkpoint at every step, and kill -9 at three moments: each time ckpt.pt loads."""
     out = tmp_path / "run"

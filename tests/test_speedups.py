@@ -6,15 +6,23 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import GPT2_RANKS
+from conftest import GPT2_RANKS, forward_backward
 
-from data import builtin_data, collate, collate_shared, load_tokenizer, tokenize_pairs
+import train
+from data import builtin_data, collate, load_tokenizer, tokenize_pairs
 from dpop import completion_logps, sequence_logps
+from extras import speedups
+from extras.speedups import collate_shared, manual_attention, sparse_embedding_grad
 from model import GPT, GPTConfig
-from train import (TrainConfig, all_pair_logps, forward_backward, frozen_copy, pair_logps,
-                   reference_train_logps, sft_loss, sparse_embedding_grad)
+from train import TrainConfig, frozen_copy, pair_logps, sft_loss
 
-NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+CPU = torch.device("cpu")
+
+
+def reference_train_logps(ref, pairs, out, enc):
+    """speedups.reference_train_logps with train.py's all_pair_logps, as the loop calls it."""
+    return speedups.reference_train_logps(
+        ref, pairs, str(out), lambda m, some: train.all_pair_logps(m, some, enc, nullcontext(), CPU))
 
 
 def setup(seed=0, n=12):
@@ -40,7 +48,7 @@ def mixed_pairs(enc):
 def one_step(loss, collate_fn=collate, full_logits=False, mixed=False, sparse=False):
     """forward_backward over two micro-batches, the policy first moved away from its reference so
     that DPOP's penalty acts: (stats, gradients). mixed: 6 built-in pairs and mixed_pairs.
-    sparse: the token lookup's share of wte's gradient sparse (train.sparse_embedding_grad)."""
+    sparse: the token lookup's share of wte's gradient sparse (speedups.sparse_embedding_grad)."""
     policy, enc, pairs = setup()
     policy.transformer.wte.sparse = sparse
     if mixed:
@@ -52,7 +60,7 @@ def one_step(loss, collate_fn=collate, full_logits=False, mixed=False, sparse=Fa
     split = (len(pairs) + 1) // 2
     batches = [collate_fn(pairs[:split], enc.eot_token), collate_fn(pairs[split:], enc.eot_token)]
     cfg = TrainConfig(loss=loss, full_logits=full_logits)
-    stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER)
+    stats = forward_backward(policy, ref, batches, cfg)
     return stats, grads_of(policy)
 
 
@@ -64,13 +72,19 @@ def assert_same_step(slow, fast):
 
 
 def assert_same_logged_steps(slow_out, fast_out, n):
-    """Two runs of train.main logged the same n training steps (loss to 1e-5, grad norm to 1e-4)."""
+    """Two runs of train.main logged the same n training steps. Step 1 reads the same weights in
+    both, so only the order of float32 sums differs: loss to 1e-6, grad norm to 1e-5 relative.
+    After it, AdamW's first update moves every weight by about lr times the sign of its
+    gradient, and a gradient component near zero can take either sign: the later steps agree
+    to 1e-3 relative (seen: 1.5e-5 on a loss of 0.99 with two threads)."""
     rows = [[r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
             for out in (slow_out, fast_out)]
     assert len(rows[0]) == len(rows[1]) == n
     for a, b in zip(*rows):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        first = a["step"] == 1
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6) if first else \
+            b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5 if first else 1e-3)
 
 
 def test_completion_only_logits_equal_full_logits():
@@ -78,7 +92,7 @@ def test_completion_only_logits_equal_full_logits():
     batch = collate(pairs, enc.eot_token)
     idx, targets, mask = batch
     full = sequence_logps(policy(idx), targets, mask)
-    fast = completion_logps(policy(idx, positions=mask), targets, mask)
+    fast = completion_logps(policy(idx, logits_at=mask), targets, mask)
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-6)  # sums of ~40 logps near -5.5
 
 
@@ -94,8 +108,8 @@ def test_shared_prompt_rows_give_the_same_logps():
     policy, enc, pairs = setup()
     pairs = pairs[:4] + mixed_pairs(enc)
     with torch.no_grad():
-        two_rows = pair_logps(policy, collate(pairs, enc.eot_token), nullcontext())
-        one_row = pair_logps(policy, collate_shared(pairs, enc.eot_token), nullcontext())
+        two_rows = pair_logps(policy, collate(pairs, enc.eot_token))
+        one_row = pair_logps(policy, collate_shared(pairs, enc.eot_token))
     for a, b in zip(one_row, two_rows):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
 
@@ -131,7 +145,6 @@ def test_sparse_embedding_grad_where_it_was_measured():
 def test_manual_attention_gives_the_same_gradients(collate_fn, monkeypatch):
     """bench.py --manual-attention, SDPA's lever off, computes the same attention, causal and
     with packed rows' masks. Tolerances as above."""
-    from bench import manual_attention
     sdpa = one_step("dpop", collate_fn, mixed=True)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", manual_attention)
     assert_same_step(sdpa, one_step("dpop", collate_fn, mixed=True))
@@ -142,7 +155,7 @@ def test_sft_loss_is_the_mean_token_nll():
     batch = collate(pairs, enc.eot_token)
     idx, targets, mask = (t[:len(pairs)] for t in batch)
     expected = -sequence_logps(policy(idx), targets, mask).sum() / mask.sum()
-    torch.testing.assert_close(sft_loss(policy, batch, nullcontext()), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sft_loss(policy, batch), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "dpop", "ipo"])
@@ -157,16 +170,16 @@ def test_precomputed_reference_logps_give_the_same_gradients(tmp_path, loss):
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
     cfg = TrainConfig(loss=loss, out=str(tmp_path))
-    table = reference_train_logps(ref, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    table = reference_train_logps(ref, pairs, tmp_path, enc)
     assert table.shape == (len(pairs), 2)
-    again = reference_train_logps(ref, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    again = reference_train_logps(ref, pairs, tmp_path, enc)
     assert torch.equal(again, table) and len(list(tmp_path.glob("ref_logps-*.pt"))) == 1  # cached
     micro = [[3, 0, 7, 5], [11, 2, 9, 1]]
     batches = [collate([pairs[i] for i in ids], enc.eot_token) for ids in micro]
     results = []
     for ref_logps in (None, [table[ids].unbind(1) for ids in micro]):
         policy.zero_grad()
-        stats = forward_backward(policy, ref, batches, cfg, nullcontext(), NO_SCALER, ref_logps)
+        stats = forward_backward(policy, ref, batches, cfg, ref_logps)
         results.append((stats, grads_of(policy)))
     (every, every_grads), (pre, pre_grads) = results
     assert pre["loss"] == pytest.approx(every["loss"], abs=1e-5)
@@ -177,24 +190,27 @@ def test_precomputed_reference_logps_give_the_same_gradients(tmp_path, loss):
 
 def test_precomputed_logps_match_per_pair_and_change_with_the_weights(tmp_path):
     policy, enc, pairs = setup()
-    cfg = TrainConfig(out=str(tmp_path))
-    table = reference_train_logps(policy, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
-    chosen, rejected = pair_logps(policy, collate(pairs[4:5], enc.eot_token), nullcontext())
+    table = reference_train_logps(policy, pairs, tmp_path, enc)
+    chosen, rejected = pair_logps(policy, collate(pairs[4:5], enc.eot_token))
     assert table[4, 0].item() == pytest.approx(chosen.item(), abs=1e-5)
     assert table[4, 1].item() == pytest.approx(rejected.item(), abs=1e-5)
     with torch.no_grad():
         policy.transformer.wte.weight.mul_(1.1)
-    reference_train_logps(policy, pairs, cfg, enc, nullcontext(), torch.device("cpu"))
+    reference_train_logps(policy, pairs, tmp_path, enc)
     assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 2  # other weights, another cache entry
 
 
-def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt):
-    """The flag reaches the loop: three logged steps agree with and without it."""
-    from train import main
+def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt, monkeypatch):
+    """The flag reaches the loop (its packed rows are read), and three logged steps agree with
+    and without it."""
+    packed, real = [], speedups.packed_logps
+    monkeypatch.setattr(speedups, "packed_logps", lambda *a: packed.append(1) or real(*a))
     common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "3", "--batch-size", "8",
               "--eval-every", "3")
-    main(tiny_args("two_rows", *common))
-    main(tiny_args("one_row", *common, "--share-prompt"))
+    train.main(tiny_args("two_rows", *common))
+    assert not packed
+    train.main(tiny_args("one_row", *common, "--share-prompt"))
+    assert packed
     assert_same_logged_steps(tmp_path / "two_rows", tmp_path / "one_row", 3)
 
 
@@ -202,17 +218,16 @@ def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt):
 def test_sparse_embedding_grad_trains_as_the_dense_one(tmp_path, tiny_args, small_pairs, monkeypatch):
     """With GPT-2's vocabulary the loop makes the lookup's gradient sparse; three logged steps
     (fused AdamW, clipping, checkpoint) agree with the dense layout's."""
-    import train
     common = ("--loss", "sft", "--tokenizer", GPT2_RANKS, "--data", small_pairs, "--steps", "3",
               "--batch-size", "8", "--eval-every", "3")
-    seen, real = [], train.sparse_embedding_grad
+    seen, real = [], speedups.sparse_embedding_grad
 
     def spy(model, device, world):
         real(model, device, world)
         seen.append(model.transformer.wte.sparse)
-    monkeypatch.setattr(train, "sparse_embedding_grad", spy)
+    monkeypatch.setattr(speedups, "sparse_embedding_grad", spy)
     train.main(tiny_args("sparse", *common))
     assert seen == [True]
-    monkeypatch.setattr(train, "sparse_embedding_grad", lambda *args: None)
+    monkeypatch.setattr(speedups, "sparse_embedding_grad", lambda *args: None)
     train.main(tiny_args("dense", *common))
     assert_same_logged_steps(tmp_path / "dense", tmp_path / "sparse", 3)

@@ -1,0 +1,380 @@
+"""What a real training run needs and a lesson does not: checkpoints written atomically and read
+back with checks, --init from a checkpoint or GPT-2 weights, --resume, Ctrl-C and SIGTERM,
+several processes under torchrun, and the metrics file. train.py calls these; each call there
+says in a comment what it does, so a student never has to open this file to follow a step.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import signal
+import sys
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import DataError, load_tokenizer
+from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
+from model import GPT, GPTConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: flags generated from the config dataclass, and their ranges
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        sys.exit(f"error: {message} (see python train.py --help)")
+
+
+def parse_config(config_class, argv, description, choices):
+    """An instance of config_class (a dataclass whose fields carry their --help text in
+    metadata["help"]) from the command line: --batch-size for batch_size; a bool field is a
+    switch; choices: {field: allowed values}."""
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, choices=choices.get(f.name),
+                           help=f.metadata["help"])
+    return config_class(**vars(p.parse_args(argv)))
+
+
+def check_config(cfg):
+    """Refuse values that cannot work, with one line that names the flag and its range."""
+    for name in ("steps", "batch_size", "grad_accum", "lr", "beta", "eval_every", "log_every",
+                 "max_bad_steps"):
+        if getattr(cfg, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.ref_logps not in ("auto", "precompute", "every-step"):
+        raise DataError(f"--ref-logps {cfg.ref_logps}: choose auto, precompute or every-step")
+    if cfg.lam < 0:
+        raise DataError(f"--lam must be zero or positive, got {cfg.lam}")
+    if cfg.label_smoothing and cfg.loss != "dpo":
+        raise DataError("--label-smoothing applies to --loss dpo only")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise DataError(f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+    if cfg.device not in ("auto", "cpu", "mps", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
+        raise DataError(f"--device {cfg.device}: choose auto, cuda, cuda:N, mps or cpu")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise DataError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes under torchrun: each is a rank with its own share of every batch
+
+def setup_distributed():
+    """Join torchrun's process group when torchrun started this process (it sets RANK,
+    WORLD_SIZE, LOCAL_RANK and the rendezvous address): nccl between GPUs, gloo on CPUs. Ranks
+    above 0 print nothing."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def rank_and_world():
+    """This process's rank and the number of processes: (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def local_device(device):
+    """Under torchrun, one GPU per process: "cuda" becomes this process's cuda:LOCAL_RANK."""
+    if device == "cuda" and dist.is_initialized():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def wrap_for_ranks(model, device):
+    """Under torchrun, the module that trains is wrapped in DDP, which averages the gradients
+    across ranks during backward; otherwise it is returned as it is."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model, last):
+    """The context for one micro-batch's backward: under DDP only the last micro-batch of a step
+    all-reduces the gradients (no_sync for the others: the sum is the same, the traffic once)."""
+    return nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+
+
+def all_mean(values, device):
+    """The mean over the ranks of a dict of floats, with one all-reduce; as it is without torchrun."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def barrier():
+    """Under torchrun, wait until every rank is here."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read back with checks
+
+def save_checkpoint(path, obj):
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over
+    the old one. A crash at any moment leaves either the old checkpoint or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(path, model, optimizer, scaler, step, done, cfg, tokenizer):
+    """The run's checkpoint, in one file: the plain (uncompiled, unwrapped) model's weights, the
+    optimizer and GradScaler states, the step, whether the run is done, the config, and the
+    random states (so that --resume continues exactly)."""
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "step": step, "done": done,
+        "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
+        "tokenizer": tokenizer,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py, as a dict; DataError with one line if it is not one."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                        f"it may be truncated") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
+        raise DataError(f"{path}: not a checkpoint written by train.py")
+    return ckpt
+
+
+def load_weights(model, state_dict, path):
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise DataError(f"{path}: the weights do not fit the model ({first})") from None
+
+
+def model_from_checkpoint(ckpt_path):
+    """The GPT of a train.py checkpoint, with its weights; and the checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    load_weights(model, ckpt["model"], ckpt_path)
+    return model, ckpt
+
+
+def export_checkpoint(ckpt_path, folder):
+    """Write a train.py checkpoint as a Hugging Face GPT-2 checkpoint, without training:
+        python -c "from extras.runtime import export_checkpoint; export_checkpoint('out/dpop-arith-seed1337/ckpt.pt', 'hf')"
+    """
+    model, ckpt = model_from_checkpoint(ckpt_path)
+    save_hf_gpt2(model, folder, eos_id=load_tokenizer(ckpt["config"]["tokenizer"]).eot_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# --init: a train.py checkpoint, or GPT-2 weights
+
+def load_init(spec):
+    """The --init weights, as a dict shaped like a train.py checkpoint: from a train.py
+    checkpoint; from a Hugging Face GPT-2 folder, model.safetensors or pytorch_model.bin; or from
+    a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) looked up in the Hugging Face cache."""
+    if not is_hf_spec(spec):
+        return load_checkpoint(spec)
+    try:
+        model = load_hf_init(spec)
+    except LookupError as e:  # a GPT-2 name that is not in the Hugging Face cache
+        raise DataError(f"--init {spec}: {e.args[0]}") from None
+    except FileNotFoundError as e:
+        raise DataError(f"--init {spec}: {e.filename or e}: not found") from None
+    except Exception as e:
+        raise DataError(f"--init {spec}: not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "config": {"tokenizer": "gpt2"}}
+
+
+def model_from_init(init_ckpt, cfg, shape_defaults, enc):
+    """The policy from load_init's dict: its weights and shape. A shape flag that was given
+    (differs from shape_defaults, {name: default}) must agree with the checkpoint, except that a
+    smaller --block-size crops the position embeddings (GPT-2's 1024 positions cost memory a
+    short data set never uses). The vocabulary must be the tokenizer's."""
+    gptconf = GPTConfig(**{**init_ckpt["model_config"], "dropout": cfg.dropout})
+    state_dict = init_ckpt["model"]
+    for name, default in shape_defaults.items():
+        asked = getattr(cfg, name)
+        if name == "block_size" and asked != default and asked < gptconf.block_size:
+            gptconf.block_size = asked
+            state_dict = {**state_dict, "transformer.wpe.weight": state_dict["transformer.wpe.weight"][:asked]}
+        elif asked != default and asked != getattr(gptconf, name):
+            raise DataError(f"--{name.replace('_', '-')} {asked}, but --init {cfg.init} has "
+                            f"{name} {getattr(gptconf, name)}; drop the flag")
+    if gptconf.vocab_size != enc.n_vocab:
+        raise DataError(f"--init {cfg.init}: the model has a vocabulary of {gptconf.vocab_size} but "
+                        f"--tokenizer {cfg.tokenizer} has {enc.n_vocab}; use the checkpoint's "
+                        f"tokenizer (--tokenizer {init_ckpt['config'].get('tokenizer')})")
+    model = GPT(gptconf)
+    load_weights(model, state_dict, cfg.init)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# --resume
+
+# A run may change these on --resume; any other difference from the checkpoint's config is refused.
+RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
+                     "max_bad_steps", "out", "compile", "export_hf", "ref_logps", "full_logits",
+                     "share_prompt"}
+
+
+def check_resume(cfg, ckpt):
+    """Refuse to resume with another configuration than the checkpoint's, except the fields in
+    RESUME_MAY_CHANGE."""
+    old = ckpt["config"]
+    differ = [k for k, v in dataclasses.asdict(cfg).items()
+              if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+    if differ:
+        what = ", ".join(f"{k} ({old.get(k)!r} -> {getattr(cfg, k)!r})" for k in differ)
+        raise DataError(f"--resume: {cfg.out}/ckpt.pt was made with another configuration: {what}; "
+                        f"use the same flags or another --out")
+
+
+def restore(cfg, ckpt_path, model, optimizer, scaler):
+    """Load a --resume checkpoint into the run (weights, optimizer, GradScaler, random states);
+    return its step (0 when there is none yet)."""
+    if not os.path.exists(ckpt_path):
+        print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
+        return 0
+    ckpt = load_checkpoint(ckpt_path)
+    check_resume(cfg, ckpt)
+    load_weights(model, ckpt["model"], ckpt_path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    random.setstate(ckpt["rng"]["python"])
+    print(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics file: one JSON object per line
+
+def start_metrics(path, start_step):
+    """Start <out>/metrics.jsonl: empty for a new run; on resume, the rows up to the checkpoint's
+    step are kept and later ones (which the run redoes) are dropped, as is a torn last line."""
+    rows = []
+    if start_step and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a row torn by a crash while it was written
+                if row.get("step", start_step + 1) <= start_step:
+                    rows.append(line if line.endswith("\n") else line + "\n")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM, and steps that went wrong
+
+class catch_signals:
+    """Ctrl-C (SIGINT) and SIGTERM set a flag instead of killing the run: the loop finishes its
+    step, checkpoints and calls exit(). A second signal stops at once, in one line (the last
+    checkpoint stays intact, since checkpoints are written atomically). Used as a context
+    manager: the previous handlers come back on leaving it.
+
+        with runtime.catch_signals() as stop:
+            while ...:
+                if runtime.any_rank(stop.requested, device): ...; stop.exit(step, ckpt_path)
+    """
+    def __init__(self):
+        self.caught = []
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+    def handler(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.caught:
+            print(f"\n{name} again: stopped at once (the last checkpoint is intact)", flush=True)
+            raise SystemExit(128 + signum)
+        self.caught.append(signum)
+        print(f"\n{name}: saving a checkpoint after this step (send it again to stop at once)", flush=True)
+
+    @property
+    def requested(self):
+        return bool(self.caught)
+
+    def exit(self, step, ckpt_path):
+        """After the checkpoint of this step: say how to continue, and leave with 128 + the
+        signal's number (SIGTERM's when another rank was the one signalled)."""
+        signum = self.caught[0] if self.caught else signal.SIGTERM
+        print(f"stopped at step {step} by {signal.Signals(signum).name}; checkpoint {ckpt_path}. "
+              f"To continue, run the same command with --resume")
+        barrier()  # under torchrun, the others wait until rank 0 has written the checkpoint
+        sys.exit(128 + signum)
+
+
+def any_rank(flag, device):
+    """Whether flag is true on any rank (one all-reduce under torchrun; flag itself otherwise),
+    so that every rank stops at the same step."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+class StepHealth:
+    """Counts the steps that were skipped: their loss or gradient was not finite (optimizer_step
+    never applied them), or float16's GradScaler found an overflow. max_bad non-finite steps in a
+    row stop the run with one error line."""
+    def __init__(self, max_bad, ckpt_path):
+        self.max_bad, self.ckpt_path = max_bad, ckpt_path
+        self.skipped, self.overflow, self.in_a_row = 0, 0, 0
+
+    def record(self, step, finite, overflow):
+        self.skipped += not finite
+        self.overflow += overflow
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        if self.in_a_row >= self.max_bad:
+            sys.exit(f"error: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                     f"(up to step {step}); stopped. The last good checkpoint is {self.ckpt_path}; "
+                     f"try a lower --lr, or --dtype float32")
+
+    def counts(self):
+        return {"skipped_steps": self.skipped, "overflow_steps": self.overflow}

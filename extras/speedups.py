@@ -1,0 +1,199 @@
+"""Speed levers: each one computes what the lesson's plain path computes, faster or in less memory,
+and tests/test_speedups.py pins each one to the plain path. Not needed to follow a training step.
+
+- collate_shared / packed_logps (--share-prompt): one packed row per pair, so each prompt is read
+  once instead of twice.
+- sparse_embedding_grad: the token lookup's share of the tied wte gradient built sparse (CPU,
+  large vocabularies).
+- reference_train_logps (--ref-logps precompute): the reference's log-probs of every training pair
+  computed once, cached in --out, so that the loop needs no reference forward pass.
+- to_device: pinned host memory, so a copy to a GPU overlaps with compute.
+- complete: prompts of equal length decoded together (evaluation's greedy completions).
+- manual_attention: the textbook attention that SDPA replaces (bench.py --manual-attention turns
+  this lever off, to measure it).
+"""
+import hashlib
+import math
+import os
+import time
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from dpop import summed_logps
+from extras.runtime import rank_and_world, save_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rows: prompt, chosen and rejected in one row (--share-prompt)
+
+class PackedBatch(NamedTuple):
+    """What collate_shared returns (CPU tensors); see its docstring."""
+    idx: torch.Tensor           # (B, T) long
+    position_ids: torch.Tensor  # (B, T) long
+    attn_mask: torch.Tensor     # (B, T, T) bool
+    where: torch.Tensor         # (2, N) long: (row, column) of each completion token's logits
+    targets: torch.Tensor       # (N,) long
+    seq: torch.Tensor           # (N,) long: 0..B-1 chosen, B..2B-1 rejected
+
+
+def collate_shared(pairs, pad_id):
+    """Pack each pair into ONE row, prompt + chosen + rejected, so that the prompt is read once
+    instead of twice (the rows of `collate` repeat it). The rejected tokens restart their
+    positions after the prompt and may not read the chosen tokens, so every completion token
+    sees exactly what it sees in `collate`'s rows: the log-probs are the same, for less work
+    when prompts are long. A completion's last token is only ever a target, so it is not input.
+
+    Worked example, the pair of `collate`'s docstring (E = end-of-text, also the pad id):
+        prompt [E, '1', '=']   chosen ['1', E]   rejected ['2', '2', E]
+        column    0  1  2  3  4  5
+        idx       E  1  =  1  2  2         prompt, chosen[:-1], rejected[:-1], then padding
+        position  0  1  2  3  3  4         the rejected tokens restart at the prompt's length
+        attention causal, except that columns 4 and 5 (rejected) do not see column 3 (chosen)
+        chosen targets   '1' read at column 2, E at column 3
+        rejected targets '2' read at column 2, '2' at column 4, E at column 5
+
+    Args:
+        pairs: list of (prompt_ids, chosen_ids, rejected_ids) from tokenize_pairs.
+        pad_id: token id written at padded positions (never a target, so any valid id works).
+    Returns:
+        PackedBatch: idx (B, T) long; position_ids (B, T) long, each token's position;
+        attn_mask (B, T, T) bool, true where a token may read another; where (2, N) long, the
+        (row, column) whose logits predict each of the N completion tokens; targets (N,) long,
+        those tokens; seq (N,) long, the sequence each belongs to: pair i's chosen is i, its
+        rejected B + i.
+    """
+    B = len(pairs)
+    lengths = [len(p) + len(c) + len(r) - 2 for p, c, r in pairs]
+    T = max(lengths)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    attn_mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).repeat(B, 1, 1)
+    rows, cols, targets, seq = [], [], [], []
+    for i, (p, c, r) in enumerate(pairs):
+        P, C = len(p), len(c)
+        idx[i, :lengths[i]] = torch.tensor(p + c[:-1] + r[:-1])
+        position_ids[i, :P + C - 1] = torch.arange(P + C - 1)
+        position_ids[i, P + C - 1:lengths[i]] = torch.arange(P, lengths[i] - C + 1)
+        attn_mask[i, P + C - 1:, P:P + C - 1] = False  # rejected (and the padding after it) never read chosen
+        for which, completion, start in ((i, c, P), (B + i, r, P + C - 1)):
+            # the first token is predicted at the prompt's last column, the others at their predecessor's
+            cols += [P - 1] + list(range(start, start + len(completion) - 1))
+            rows += [i] * len(completion)
+            targets += completion
+            seq += [which] * len(completion)
+    return PackedBatch(idx, position_ids, attn_mask, torch.tensor([rows, cols]), torch.tensor(targets),
+                       torch.tensor(seq))
+
+
+def packed_logps(model, batch):
+    """Summed completion log-probs of a PackedBatch: (chosen (B,), rejected (B,)), float32, equal
+    to those of data.collate's two rows per pair."""
+    logits = model(batch.idx, logits_at=(batch.where[0], batch.where[1]),
+                   position_ids=batch.position_ids, attn_mask=batch.attn_mask)  # (N, V)
+    return summed_logps(logits, batch.targets, batch.seq, 2 * batch.idx.size(0)).chunk(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the token lookup's gradient
+
+def sparse_embedding_grad(model, device, world):
+    """wte is tied to lm_head, so its gradient has two shares: the head's, dense (every logit
+    touches every row), and the token lookup's, zero except at the rows of the batch's tokens.
+    With a large vocabulary on a CPU, the lookup's share is made sparse and added onto the
+    head's, rather than built as a second zero-filled (vocab, n_embd) tensor: the same sum, with
+    74 MiB less at bench.py's peak (--dense-embedding-grad there turns it off). wte.weight.grad
+    is still dense. A byte vocabulary's (257, n_embd) gradient is too small to matter (and its
+    sums in another order would move the demo's figures in their last bits), DDP insists on one
+    layout per parameter, and GPUs were not measured: those keep the default."""
+    model.transformer.wte.sparse = (device.type == "cpu" and world == 1
+                                    and model.config.vocab_size > 4096)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's log-probs, computed once (--ref-logps precompute)
+
+def reference_train_logps(ref, pairs, out, all_pair_logps):
+    """The reference's log-probs of every training pair, as an (N, 2) tensor of (chosen,
+    rejected), so that training needs no reference forward pass. all_pair_logps(model, pairs)
+    computes them (train.py passes its own). Cached in the folder out under a key made of the
+    reference's weights and the tokenized pairs; a cache that cannot be read is computed again.
+    Under torchrun each rank computes every world_size-th pair and the shares are gathered."""
+    key = hashlib.sha256(repr(pairs).encode())
+    for t in ref.state_dict().values():
+        key.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    path = os.path.join(out, f"ref_logps-{key.hexdigest()[:16]}.pt")
+    if os.path.exists(path):
+        try:
+            logps = torch.load(path, weights_only=True)
+            if isinstance(logps, torch.Tensor) and logps.shape == (len(pairs), 2):
+                print(f"reference log-probs from {path}")
+                return logps
+            problem = "it holds something else"
+        except Exception as e:
+            problem = f"{type(e).__name__}"
+        print(f"warning: {path}: cannot use the cached reference log-probs ({problem}); "
+              f"computing them again")
+    t0 = time.time()
+    rank, world = rank_and_world()
+    ids = list(range(rank, len(pairs), world))  # this rank's share
+    share = (ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids]), 1))
+    shares = [share]
+    if world > 1:
+        shares = [None] * world
+        dist.all_gather_object(shares, share)
+    logps = torch.zeros(len(pairs), 2)
+    for ids, values in shares:
+        logps[ids] = values
+    if rank == 0:
+        save_checkpoint(path, logps)
+    print(f"reference log-probs of {len(pairs)} pairs computed in {time.time() - t0:.0f}s; "
+          f"cached in {path}")
+    return logps
+
+
+# ---------------------------------------------------------------------------------------------
+# Copies to the device, batched generation, attention
+
+def to_device(batch, device):
+    """A collated batch (a NamedTuple of tensors) on device. Pinned memory lets the copy to a GPU
+    overlap with compute."""
+    if device.type == "cuda":
+        return type(batch)(*(t.pin_memory().to(device, non_blocking=True) for t in batch))
+    return type(batch)(*(t.to(device) for t in batch))
+
+
+@torch.no_grad()
+def complete(model, enc, prompts, ctx, device, max_new_tokens=48, batch_size=512, **sampling):
+    """The model's completion of each prompt, as text, in prompt order: greedy, or sampled with
+    generate's temperature, top_k and generator. Prompts of equal token length are decoded
+    together, batch_size at a time (no padding needed): the same completions as one prompt at a
+    time, about 100x faster on the built-in problems."""
+    model.eval()
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        ids = [enc.eot_token] + enc.encode_ordinary(prompt)
+        by_length.setdefault(len(ids), []).append((i, ids))
+    texts = [None] * len(prompts)
+    for n, group in by_length.items():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            idx = torch.tensor([ids for _, ids in batch], device=device)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, eos_id=enc.eot_token, **sampling)
+            for (i, _), row in zip(batch, out[:, n:].tolist()):
+                texts[i] = enc.decode([t for t in row if t != enc.eot_token])
+    return texts
+
+
+def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+    """softmax(q k^T / sqrt(head size), masked) v, the (B, nh, T, T) scores built in full: what
+    F.scaled_dot_product_attention computes without materialising them. No dropout (the
+    benchmark runs without it)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if is_causal:
+        attn_mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(-1) @ v
