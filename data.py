@@ -2,8 +2,9 @@
 
 Nothing here knows about models or devices: collate returns CPU tensors and train.py moves them.
 
-Records are dicts with string fields prompt, chosen and rejected, read from JSON Lines or made by
-the built-in generator (`builtin_data`), which follows the Smaug paper's MetaMath recipe on
+Records are dicts with string fields prompt, chosen and rejected, read from JSON Lines (plain
+strings, Anthropic HH's implicit prompt, or conversations as lists of messages) or made by the
+built-in generator (`builtin_data`), which follows the Smaug paper's MetaMath recipe on
 3-digit addition so that DPO's failure mode shows up on a laptop CPU in minutes.
 """
 import json
@@ -81,22 +82,138 @@ def split_shared_prompt(chosen, rejected):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def load_preferences(path):
-    """Read preference pairs from a JSON Lines file.
+# The conversational form's messages become text in Anthropic HH's template ("\n\nHuman: ..." and
+# "\n\nAssistant: ..."), with a "System" role added.
+ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+ASSISTANT = "\n\nAssistant:"  # the header that ends every conversational prompt
 
-    Each non-blank line is one object with string fields "prompt", "chosen" and "rejected"
-    (other fields are ignored). A UTF-8 byte-order mark and Windows line endings are accepted.
-    Example line:
+
+def render_messages(messages):
+    r"""(role, content) pairs as text, each one "\n\n{name}: {content}":
+        render_messages([("user", "2+2?"), ("assistant", "It is 4.")]) -> "\n\nHuman: 2+2?\n\nAssistant: It is 4."
+    """
+    return "".join(f"\n\n{ROLE_NAMES[role]}: {content}" for role, content in messages)
+
+
+def read_messages(field, messages):
+    """A conversational field, a list of {"role", "content"} objects (other keys are ignored), as
+    (role, content) pairs. Raises DataError, without the file's location, if it is malformed."""
+    if not messages:
+        raise DataError(f"field {field!r} is an empty conversation; give it at least one message")
+    pairs = []
+    for i, m in enumerate(messages, start=1):
+        where = f"field {field!r}, message {i}"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f'{where}: expected an object with "role" and "content", '
+                            f'e.g. {{"role": "user", "content": "Hi"}}')
+        if not isinstance(m["role"], str) or m["role"] not in ROLE_NAMES:
+            raise DataError(f"{where}: unknown role {m['role']!r}; use {', '.join(ROLE_NAMES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f'{where}: "content" must be a string (text only), not {type(m["content"]).__name__}')
+        pairs.append((m["role"], m["content"]))
+    return pairs
+
+
+def split_conversation(prompt, chosen, rejected):
+    r"""The conversational form (TRL's, and most downloadable preference sets'): prompt, chosen
+    and rejected are lists of (role, content) pairs from read_messages. The prompt is the
+    conversation so far plus the assistant's header, so each completion is the assistant's reply
+    alone, starting with a space (as in split_shared_prompt), and prompt + completion is exactly
+    render_messages of the whole conversation:
+        split_conversation([("user", "2+2?")], [("assistant", "It is 4.")], [("assistant", "It is 5.")])
+        -> ("\n\nHuman: 2+2?\n\nAssistant:", " It is 4.", " It is 5.")
+    With prompt None, chosen and rejected are whole conversations and the prompt is the messages
+    they share at the start (whole messages are compared, not characters):
+        split_conversation(None, [("user", "2+2?"), ("assistant", "It is 4.")],
+                                 [("user", "2+2?"), ("assistant", "It is 5.")])  -> the same
+    The reply must be assistant messages only (usually one; several are rendered one after the
+    other), so that the mask never trains the model to write the user's turns. Anything else
+    raises DataError, without the file's location.
+    """
+    n = 0  # the messages of chosen and rejected before their reply
+    if prompt is None:
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError("fields 'chosen' and 'rejected' differ from their first message; without "
+                            "'prompt', they must share the conversation before the assistant's reply")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    for field, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply:
+            raise DataError(f"field {field!r} has no message after the conversation it shares with the "
+                            f"other field; without 'prompt', each must end with its own assistant reply")
+        for i, (role, _) in enumerate(reply, start=n + 1):
+            if role != "assistant":
+                hint = ("chosen and rejected must share every message before the reply" if n else
+                        "the conversation before the reply belongs in 'prompt'")
+                raise DataError(f"field {field!r}, message {i}: a {role!r} message where the "
+                                f"assistant's reply should be; {hint}")
+    # the reply starts with the assistant's header, which ends the prompt: cut it off the completion
+    return (render_messages(prompt) + ASSISTANT, render_messages(chosen)[len(ASSISTANT):],
+            render_messages(rejected)[len(ASSISTANT):])
+
+
+def record_from_json(obj):
+    """One JSONL object as a record {"prompt", "chosen", "rejected"} of strings, whatever its form
+    (see load_preferences), or None when chosen and rejected are the same (no preference).
+    Raises DataError, without the file's location: load_preferences adds it."""
+    fields = ("prompt", "chosen", "rejected") if "prompt" in obj else ("chosen", "rejected")
+    kind = {str: "a string", list: "a list of messages"}
+    for field in fields:
+        if field not in obj:
+            raise DataError(f"missing field {field!r}")
+        if type(obj[field]) not in kind:
+            raise DataError(f"field {field!r} must be a string or a list of messages, "
+                            f"not {type(obj[field]).__name__}")
+        if type(obj[field]) is not type(obj[fields[0]]):
+            raise DataError(f"field {field!r} is {kind[type(obj[field])]} but {fields[0]!r} is "
+                            f"{kind[type(obj[fields[0]])]}; write {', '.join(fields)} all as strings "
+                            f"or all as lists of messages")
+    if isinstance(obj["chosen"], list):
+        messages = {field: read_messages(field, obj[field]) for field in fields}
+        if messages["chosen"] == messages["rejected"]:
+            return None
+        prompt, chosen, rejected = split_conversation(messages.get("prompt"), messages["chosen"],
+                                                      messages["rejected"])
+    else:
+        for field in ("chosen", "rejected"):
+            if not obj[field]:
+                raise DataError(f"field {field!r} is empty")
+        if obj["chosen"] == obj["rejected"]:
+            return None
+        if "prompt" in obj:
+            prompt, chosen, rejected = obj["prompt"], obj["chosen"], obj["rejected"]
+        else:
+            prompt, chosen, rejected = split_shared_prompt(obj["chosen"], obj["rejected"])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def load_preferences(path):
+    r"""Read preference pairs from a JSON Lines file: one object per non-blank line, in one of three
+    forms (lines may mix them; other fields are ignored). A UTF-8 byte-order mark and Windows line
+    endings are accepted.
+    1. Strings "prompt", "chosen" and "rejected", taken as they are:
         {"prompt": "12+30=", "chosen": "2+0=2; 1+3=4; answer 42", "rejected": "2+0=3; 1+3=4; answer 42"}
-    A line without "prompt" holds two full texts, and their shared beginning is the prompt
-    (see split_shared_prompt):
-        {"chosen": "Human: Hi! Assistant: Hello.", "rejected": "Human: Hi! Assistant: Go away."}
+    2. Strings "chosen" and "rejected" only, two full texts whose shared beginning is the prompt
+       (Anthropic HH; see split_shared_prompt):
+        {"chosen": "Human: 2+2? Assistant: It is 4", "rejected": "Human: 2+2? Assistant: It is 5"}
+        -> prompt "Human: 2+2? Assistant: It is", chosen " 4", rejected " 5"
+    3. Lists of messages (conversational, as in TRL), with or without "prompt" (see
+       split_conversation); "system" messages are allowed:
+        {"prompt": [{"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "assistant", "content": "It is 4."}],
+         "rejected": [{"role": "assistant", "content": "It is 5."}]}
+        -> prompt "\n\nHuman: 2+2?\n\nAssistant:", chosen " It is 4.", rejected " It is 5."
+        {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 4."}],
+         "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 5."}]}
+        -> the same
 
     Args:
         path: the file.
     Returns:
-        (records, n_identical): a list of dicts, and how many pairs were skipped because chosen
-        and rejected were the same text (they carry no preference).
+        (records, n_identical): a list of dicts with string fields prompt, chosen and rejected,
+        and how many pairs were skipped because chosen and rejected were the same (they carry no
+        preference).
     Raises:
         DataError "path:line: what is wrong" for the first bad line, or for a file with no pairs.
     """
@@ -122,23 +239,14 @@ def load_preferences(path):
             raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected")
-        fields = ("prompt", "chosen", "rejected") if "prompt" in obj else ("chosen", "rejected")
-        for field in fields:
-            if field not in obj:
-                raise DataError(f"{where}: missing field {field!r}")
-            if not isinstance(obj[field], str):
-                raise DataError(f"{where}: field {field!r} must be a string, "
-                                f"not {type(obj[field]).__name__}")
-            if field != "prompt" and not obj[field]:
-                raise DataError(f"{where}: field {field!r} is empty")
-        if obj["chosen"] == obj["rejected"]:
+        try:
+            record = record_from_json(obj)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if record is None:
             n_identical += 1
-            continue
-        if "prompt" in obj:
-            records.append({k: obj[k] for k in fields})
         else:
-            prompt, chosen, rejected = split_shared_prompt(obj["chosen"], obj["rejected"])
-            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            records.append(record)
     if not records:
         raise DataError(f"{path}: no preference pairs in the file")
     return records, n_identical

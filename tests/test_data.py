@@ -7,9 +7,10 @@ import pytest
 import tiktoken
 
 from conftest import GPT2_RANKS
-from extras.speedups import collate_shared
 from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
-                  edit_distance, load_preferences, load_tokenizer, split_shared_prompt, tokenize_pairs)
+                  edit_distance, load_preferences, load_tokenizer, render_messages, split_conversation,
+                  split_shared_prompt, tokenize_pairs)
+from extras.speedups import collate_shared
 
 E = 256  # end-of-text in the byte tokenizer
 
@@ -60,7 +61,7 @@ def test_load_preferences_accepts_bom_crlf_blank_lines(tmp_path):
     (b'{"prompt": "Q", "chosen": "a", "rejected": "b"', "invalid JSON"),
     (b'["Q", "a", "b"]', "expected a JSON object"),
     (b'{"prompt": "Q", "chosen": "a"}', "missing field 'rejected'"),
-    (b'{"prompt": "Q", "chosen": 3, "rejected": "b"}', "field 'chosen' must be a string, not int"),
+    (b'{"prompt": "Q", "chosen": 3, "rejected": "b"}', "field 'chosen' must be a string or a list of messages, not int"),
     (b'{"prompt": "Q", "chosen": "a", "rejected": ""}', "field 'rejected' is empty"),
     (b'{"prompt": "Q", "chosen": "\xff", "rejected": "b"}', "not valid UTF-8"),
 ])
@@ -223,3 +224,103 @@ def test_collate_shared_packs_the_docstring_example():
                    (0, 2, ord("2"), 2), (0, 4, ord("2"), 2), (0, 5, E, 2),
                    (1, 0, ord("a"), 1), (1, 1, E, 1),
                    (1, 0, E, 3)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversational form: lists of {"role", "content"} messages
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+SYS, Q, A4, A5 = msg("system", "Be brief."), msg("user", "2+2?"), msg("assistant", "It is 4."), msg("assistant", "It is 5.")
+QA = "\n\nHuman: 2+2?\n\nAssistant:"
+
+
+def write_lines(path, *objs):
+    path.write_text("".join(json.dumps(obj) + "\n" for obj in objs))
+    return str(path)
+
+
+def test_conversational_lines(tmp_path):
+    path = write_lines(
+        tmp_path / "conv.jsonl",
+        {"prompt": [Q], "chosen": [A4], "rejected": [A5], "score_chosen": 9.0, "id": 7},
+        {"chosen": [Q, A4], "rejected": [Q, A5], "messages": [Q, A4]},
+        {"prompt": [SYS, Q], "chosen": [A4], "rejected": [A5]},
+        {"chosen": [Q, A5, msg("user", "Sure?"), A4],  # multi-turn, with a second assistant message
+         "rejected": [Q, A5, msg("user", "Sure?"), A5, msg("assistant", "Yes.")]},
+        {"chosen": [Q, A4], "rejected": [Q, A4]},  # identical: skipped
+        {"prompt": "P", "chosen": "a", "rejected": "b"})  # the forms may be mixed line by line
+    records, n_identical = load_preferences(path)
+    assert records == [
+        {"prompt": QA, "chosen": " It is 4.", "rejected": " It is 5."},
+        {"prompt": QA, "chosen": " It is 4.", "rejected": " It is 5."},
+        {"prompt": "\n\nSystem: Be brief." + QA, "chosen": " It is 4.", "rejected": " It is 5."},
+        {"prompt": QA + " It is 5.\n\nHuman: Sure?\n\nAssistant:", "chosen": " It is 4.",
+         "rejected": " It is 5.\n\nAssistant: Yes."},
+        {"prompt": "P", "chosen": "a", "rejected": "b"}]
+    assert n_identical == 1
+    # prompt + completion is the whole conversation, rendered
+    multi = records[3]
+    assert multi["prompt"] + multi["rejected"] == render_messages(
+        [(m["role"], m["content"]) for m in [Q, A5, msg("user", "Sure?"), A5, msg("assistant", "Yes.")]])
+
+
+def test_conversational_mask_covers_exactly_the_reply(tmp_path):
+    path = write_lines(tmp_path / "conv.jsonl", {"prompt": [SYS, Q], "chosen": [A4], "rejected": [A5]},
+                       {"chosen": [Q, A4], "rejected": [Q, msg("assistant", "Five.")]})
+    enc = load_tokenizer("byte")
+    records, _ = load_preferences(path)
+    pairs, n_cut, n_drop = tokenize_pairs(records, enc, block_size=64)
+    assert (n_cut, n_drop) == (0, 0)
+    idx, targets, mask = collate(pairs, E)
+    replies = [(" It is 4.", " It is 5."), (" It is 4.", " Five.")]
+    for i, (chosen, rejected) in enumerate(replies):
+        for row, reply in ((i, chosen), (len(pairs) + i, rejected)):
+            assert targets[row][mask[row]].tolist() == list(reply.encode()) + [E]
+            prompt_ids = idx[row, :int(mask[row].nonzero()[0]) + 1].tolist()  # what is read before the reply
+            assert enc.decode(prompt_ids[1:]).endswith("\n\nAssistant:") and prompt_ids[0] == E
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
+def test_conversational_split_is_a_gpt2_token_boundary():
+    enc = load_tokenizer(GPT2_RANKS)
+    prompt, c, r = split_conversation(None, [("user", "Capital of France?"), ("assistant", "Paris, of course.")],
+                                      [("user", "Capital of France?"), ("assistant", "\nLyon... I think.")])
+    for completion in (c, r):
+        assert enc.encode_ordinary(prompt) + enc.encode_ordinary(completion) == enc.encode_ordinary(prompt + completion)
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"prompt": "2+2?", "chosen": [A4], "rejected": [A5]},
+     "field 'chosen' is a list of messages but 'prompt' is a string; write prompt, chosen, rejected all as strings"),
+    ({"chosen": [Q, A4], "rejected": "2+2? It is 5."},
+     "field 'rejected' is a string but 'chosen' is a list of messages"),
+    ({"prompt": [Q], "chosen": ["It is 4."], "rejected": [A5]},
+     """field 'chosen', message 1: expected an object with "role" and "content\""""),
+    ({"prompt": [SYS, {"role": "user"}], "chosen": [A4], "rejected": [A5]},
+     """field 'prompt', message 2: expected an object with "role" and "content\""""),
+    ({"prompt": [msg("user", ["2+2?"])], "chosen": [A4], "rejected": [A5]},
+     """field 'prompt', message 1: "content" must be a string (text only), not list"""),
+    ({"prompt": [msg("tool", "4")], "chosen": [A4], "rejected": [A5]},
+     "field 'prompt', message 1: unknown role 'tool'; use system, user, assistant"),
+    ({"prompt": [], "chosen": [A4], "rejected": [A5]}, "field 'prompt' is an empty conversation"),
+    ({"prompt": [Q], "chosen": [A4], "rejected": []}, "field 'rejected' is an empty conversation"),
+    ({"prompt": [Q], "chosen": [msg("user", "Hm?"), A4], "rejected": [A5]},
+     "field 'chosen', message 1: a 'user' message where the assistant's reply should be; "
+     "the conversation before the reply belongs in 'prompt'"),
+    ({"chosen": [Q, A4], "rejected": [msg("user", "3+3?"), A5]},
+     "fields 'chosen' and 'rejected' differ from their first message"),
+    ({"chosen": [A4], "rejected": [A5]}, "fields 'chosen' and 'rejected' differ from their first message"),
+    ({"chosen": [Q, A4, msg("user", "And 3+3?"), A4], "rejected": [Q, A4, msg("user", "And 2+3?"), A5]},
+     "field 'chosen', message 3: a 'user' message where the assistant's reply should be; "
+     "chosen and rejected must share every message before the reply"),
+    ({"chosen": [Q, A4], "rejected": [Q, A4, A5]}, "field 'chosen' has no message after the conversation"),
+])
+def test_bad_conversational_lines_name_path_line_and_field(tmp_path, obj, message):
+    path = write_lines(tmp_path / "conv.jsonl", {"prompt": [Q], "chosen": [A4], "rejected": [A5]}, obj)
+    with pytest.raises(DataError) as err:
+        load_preferences(path)
+    assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)
+    assert "\n" not in str(err.value)
