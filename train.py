@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from data import (DataError, answer_of, batch_indices, collate, load_tokenizer,
-                  mean_edit_distance, read_splits, tokenize_pairs)
+from data import DataError, answer_of, batch_indices, collate, load_data, load_tokenizer
 from dpop import LOSSES, completion_logps, preference_loss, preference_metrics, sequence_logps
 from extras import runtime, speedups
 from extras.hf_gpt2 import save_hf_gpt2
@@ -135,26 +134,6 @@ def setup_device(cfg):
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     return device, dtype, ctx, scaler
-
-
-def load_data(cfg, enc, block_size):
-    """Tokenized train and eval pairs, and held-out problems with known answers (built-in data
-    only): the eval problems (for SFT's early stop and the log) and the test problems (for the
-    summary). With --eval-data, all of --data trains and the other set's held-out data evaluates."""
-    train_recs, eval_recs, test = read_splits(cfg.data, "--data")
-    if cfg.eval_data:
-        train_recs = train_recs + eval_recs  # --data's own held-out pairs train too
-        _, eval_recs, test = read_splits(cfg.eval_data, "--eval-data")
-    train, n_cut, n_drop = tokenize_pairs(train_recs, enc, block_size)
-    evals, n_cut_e, n_drop_e = tokenize_pairs(eval_recs, enc, block_size)
-    if not train:
-        raise DataError(f"{cfg.data}: no training pair fits a context of {block_size} tokens")
-    print(f"data {cfg.data}: {len(train)} train pairs, {len(evals)} eval pairs, {len(test)} test "
-          f"problems; {n_cut + n_cut_e} truncated, {n_drop + n_drop_e} dropped (no completion "
-          f"token or no difference left); mean normalised edit distance chosen vs rejected "
-          f"{mean_edit_distance(train):.3f}")
-    val = [(r["prompt"], answer_of(r["chosen"])) for r in eval_recs] if test else []
-    return train, evals, val, test
 
 
 def build_model(cfg, enc, init_ckpt=None):
@@ -306,7 +285,8 @@ def train(cfg):
     enc = load_tokenizer(cfg.tokenizer)
     # runtime.load_init reads --init: a train.py checkpoint or Hugging Face GPT-2 weights
     model = build_model(cfg, enc, runtime.load_init(cfg.init) if cfg.init else None).to(device)
-    train_pairs, eval_pairs, val_problems, test_problems = load_data(cfg, enc, model.config.block_size)
+    train_pairs, eval_pairs, val_problems, test_problems = load_data(
+        cfg.data, cfg.eval_data, enc, model.config.block_size)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
@@ -444,14 +424,12 @@ def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test
         json.dump(summary, f, indent=1)
     print(f"--- summary ({cfg.loss}, {len(eval_pairs)} held-out pairs, {len(problems)} held-out problems)")
     if "gen_accuracy" in trained:
-        ref_acc = summary.get("reference", {}).get("gen_accuracy")
-        ref_txt = f"{ref_acc:6.1%}" if ref_acc is not None else "     -"
+        ref_txt = "     -" if ref_test_acc is None else f"{ref_test_acc:6.1%}"
         print(f"  generation accuracy        reference {ref_txt}   trained {trained['gen_accuracy']:6.1%}")
     if "logratio/chosen" in trained:
-        print(f"  chosen log-prob change     {trained['logratio/chosen']:+8.2f} nats"
-              f"   (trained {trained['logps/chosen']:.2f} vs reference {ref_eval_logps[0].mean():.2f})")
-        print(f"  rejected log-prob change   {trained['logratio/rejected']:+8.2f} nats"
-              f"   (trained {trained['logps/rejected']:.2f} vs reference {ref_eval_logps[1].mean():.2f})")
+        for i, which in enumerate(("chosen", "rejected")):
+            print(f"  {which + ' log-prob change':26} {trained['logratio/' + which]:+8.2f} nats   (trained "
+                  f"{trained['logps/' + which]:.2f} vs reference {ref_eval_logps[i].mean():.2f})")
         print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
         print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
     return summary

@@ -48,17 +48,18 @@ import os, sys, torch
 from contextlib import nullcontext
 sys.path[:0] = [".", os.environ["SYNTH"]]
 import synth_prefs
-from data import collate, collate_shared
+from data import collate
+from extras.speedups import collate_shared, to_device
 from model import GPT, GPTConfig
-from train import pair_logps, to_device
+from train import pair_logps
 torch.manual_seed(0)
 model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257)).cuda().eval()
 raw = synth_prefs.make_pairs(32, seed=0, digits=2, shots=8)
 pairs = [tuple(t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for t in map(synth_prefs.tokenize_pair, raw)]
 for name, ctx in (("float32", nullcontext()), ("bfloat16", torch.autocast("cuda", dtype=torch.bfloat16))):
-    with torch.no_grad():
-        a = pair_logps(model, to_device(collate(pairs, 0), torch.device("cuda")), ctx)
-        b = pair_logps(model, to_device(collate_shared(pairs, 0), torch.device("cuda")), ctx)
+    with torch.no_grad(), ctx:
+        a = pair_logps(model, to_device(collate(pairs, 0), torch.device("cuda")))
+        b = pair_logps(model, to_device(collate_shared(pairs, 0), torch.device("cuda")))
     diff = max((x - y).abs().max().item() for x, y in zip(a, b))
     print(f"{name}: max |two rows - packed| = {diff:.2e} on summed log-probs near {a[0].mean().item():.1f}")
 PYEOF

@@ -3,8 +3,6 @@ import json
 import math
 import os
 
-import pytest
-
 from train import main
 
 
@@ -26,7 +24,6 @@ def conversation_pairs(n):
     return lines
 
 
-@pytest.mark.slow
 def test_preference_run_on_conversational_data(tmp_path, tiny_args, sft_ckpt):
     data = tmp_path / "conv.jsonl"
     data.write_text("".join(json.dumps(obj) + "\n" for obj in conversation_pairs(40)))
