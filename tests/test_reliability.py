@@ -78,7 +78,7 @@ def test_data_file_problems(tmp_path, tiny_args, sft_ckpt, capsys):
     assert "skipped 1 pairs" in capsys.readouterr().out
 
 
-def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_args, sft_ckpt, monkeypatch):
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_args, sft_ckpt, small_pairs, monkeypatch):
     real_loss = train.preference_loss
     calls = []
 
@@ -87,7 +87,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_args, sft_ckpt,
         calls.append(1)
         return (losses * float("nan") if len(calls) in (2, 3) else losses), c, r
     monkeypatch.setattr(train, "preference_loss", sometimes_nan)
-    main(tiny_args("nan", "--loss", "dpop", "--init", sft_ckpt, "--steps", "5", "--batch-size", "4",
+    main(tiny_args("nan", "--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "5", "--batch-size", "4",
                    "--eval-every", "100"))
     rows = [json.loads(r) for r in open(tmp_path / "nan" / "metrics.jsonl")]
     assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 1, 2, 2, 2]
@@ -96,8 +96,8 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_args, sft_ckpt,
 
 
 def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
-        tmp_path, tiny_args, sft_ckpt, monkeypatch):
-    args = tiny_args("bad", "--loss", "dpo", "--init", sft_ckpt, "--steps", "20", "--batch-size", "4",
+        tmp_path, tiny_args, sft_ckpt, small_pairs, monkeypatch):
+    args = tiny_args("bad", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "20", "--batch-size", "4",
                      "--eval-every", "2", "--max-bad-steps", "3")
     real_loss = train.preference_loss
     calls = []

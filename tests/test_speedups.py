@@ -200,12 +200,12 @@ def test_precomputed_logps_match_per_pair_and_change_with_the_weights(tmp_path):
     assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 2  # other weights, another cache entry
 
 
-def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt, monkeypatch):
+def test_share_prompt_flag_trains_the_same(tmp_path, tiny_args, sft_ckpt, small_pairs, monkeypatch):
     """The flag reaches the loop (its packed rows are read), and three logged steps agree with
     and without it."""
     packed, real = [], speedups.packed_logps
     monkeypatch.setattr(speedups, "packed_logps", lambda *a: packed.append(1) or real(*a))
-    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "3", "--batch-size", "8",
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "3", "--batch-size", "8",
               "--eval-every", "3")
     train.main(tiny_args("two_rows", *common))
     assert not packed

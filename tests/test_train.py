@@ -59,13 +59,13 @@ def test_summary_on_built_in_data(tmp_path, tiny_args, sft_ckpt):
         assert json.load(f) == summary
 
 
-def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_args, sft_ckpt):
+def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_args, sft_ckpt, small_pairs):
     """The loop's micro-batches: one batch of 8, 2 x 4 and 4 x 2 micro-batches log the same first
     step: its metrics are means over the same 8 pairs, and its gradient norm the same (float32
     sums in another order: 1e-5 relative); without the division by grad_accum the gradient
     would be grad_accum times larger. (Later steps are left out: AdamW's first update moves each
     weight by about lr times the sign of its gradient, and a near-zero component may flip.)"""
-    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "1", "--eval-every", "1")
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "1", "--eval-every", "1")
     main(tiny_args("big", *common, "--batch-size", "8"))
     [big] = train_rows(str(tmp_path / "big"))
     for k in (2, 4):
@@ -125,14 +125,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_ar
     assert steps_a == steps_b  # each step logged once, with identical values
 
 
-def test_resume_refuses_a_changed_configuration(tmp_path, tiny_args, sft_ckpt, capsys):
-    common = ("--loss", "dpop", "--init", sft_ckpt, "--steps", "2", "--batch-size", "4", "--eval-every", "2")
+def test_resume_refuses_a_changed_configuration(tmp_path, tiny_args, sft_ckpt, small_pairs, capsys):
+    common = ("--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "2", "--batch-size", "4", "--eval-every", "2")
     main(tiny_args("run", *common))
     with pytest.raises(SystemExit) as err:
         main(tiny_args("run", *common, "--resume", "--beta", "0.5"))
     assert "another configuration: beta (0.1 -> 0.5)" in str(err.value)
 
 
+@pytest.mark.slow  # the whole default pipeline, built-in data with its generation evaluations
 def test_default_pipeline_trains_the_sft_reference_then_reuses_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(train.STAGE_DEFAULTS, "sft", dict(steps=4, batch_size=8, lr=1e-3))
