@@ -38,8 +38,7 @@ from model import GPT, GPTConfig
 
 
 # ---------------------------------------------------------------------------------------------
-# Every knob, with its default and its --help text. Flags are generated from this dataclass
-# (--batch-size for batch_size).
+# Every knob, with its default and its --help text; flags are generated from it (--batch-size).
 
 def knob(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
@@ -52,8 +51,7 @@ class TrainConfig:
     data: str = knob("arith", "arith (built-in), arith-hed (its high-edit-distance control) or a .jsonl file")
     eval_data: str = knob("", "evaluate on this data's held-out set instead; all of --data trains")
     tokenizer: str = knob("byte", "byte (built-in), a tiktoken name (gpt2, ...) or a .tiktoken file")
-    init: str = knob("", "checkpoint or GPT-2 weights to start from; empty: sft from random weights, "
-                         "a preference loss from the default SFT reference (trained if missing)")
+    init: str = knob("", "checkpoint or GPT-2 weights to start from (default: random, or the SFT reference)")
     out: str = knob("", "output folder; empty: out/<loss>-<data>-seed<seed>")
     resume: bool = knob(False, "continue from <out>/ckpt.pt")
     export_hf: str = knob("", "after training, also write a Hugging Face GPT-2 checkpoint here")
@@ -299,10 +297,8 @@ def train(cfg):
     ref_eval_logps = all_pair_logps(ref, eval_pairs, enc, ctx, device) if ref and eval_pairs else None
     ref_test_acc = generation_accuracy(ref, enc, test_problems, ctx, device) \
         if ref and test_problems and master else None
-    precompute = cfg.ref_logps == "precompute" or (
-        cfg.ref_logps == "auto" and cfg.steps * global_batch >= len(train_pairs))
-    ref_train_logps = None
-    if ref is not None and cfg.loss != "sft" and precompute:  # an (N, 2) table, cached in --out
+    ref_train_logps = None  # --ref-logps precompute: an (N, 2) table of them, cached in --out
+    if ref is not None and cfg.loss != "sft" and speedups.precompute_pays(cfg, global_batch, len(train_pairs)):
         ref_train_logps = speedups.reference_train_logps(
             ref, train_pairs, cfg.out, lambda m, pairs: all_pair_logps(m, pairs, enc, ctx, device))
     if cfg.loss == "sft" or ref_train_logps is not None:
@@ -365,7 +361,7 @@ def train(cfg):
                 row = {"step": step, **stats, "grad_norm": grad_norm, "lr": lr,
                        "tokens_per_s": tokens_since / (now - t_last), **health.counts()}
                 eta = (now - t_start) / (step - start_step) * (cfg.steps - step)
-                print(format_row(row, cfg) + f" | eta {eta:.0f}s")
+                print(runtime.format_row(row, cfg.loss) + f" | eta {eta:.0f}s")  # step | loss | ...
                 runtime.log_row(metrics_path, row)
                 t_last, tokens_since = now, 0
 
@@ -403,17 +399,6 @@ def train(cfg):
     return summary
 
 
-def format_row(row, cfg):
-    """One log line: the failure DPOP targets (dchosen < 0) stays in view."""
-    line = f"step {row['step']:4d} | loss {row['loss']:.4f}"
-    if cfg.loss != "sft":
-        line += (f" | margin {row['rewards/margins']:+.3f} | acc {row['rewards/accuracies']:.2f}"
-                 f" | dchosen {row['logratio/chosen']:+.2f} | drejected {row['logratio/rejected']:+.2f}"
-                 f" | penalty {row['penalty/active']:.2f}")
-    return line + (f" | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.1e}"
-                   f" | {row['tokens_per_s']:.0f} tok/s")
-
-
 def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test_acc, problems):
     """Reference vs trained on held-out data; printed, written to <out>/summary.json, returned."""
     trained = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
@@ -422,16 +407,7 @@ def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test
         summary["reference"] = {} if ref_test_acc is None else {"gen_accuracy": ref_test_acc}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"--- summary ({cfg.loss}, {len(eval_pairs)} held-out pairs, {len(problems)} held-out problems)")
-    if "gen_accuracy" in trained:
-        ref_txt = "     -" if ref_test_acc is None else f"{ref_test_acc:6.1%}"
-        print(f"  generation accuracy        reference {ref_txt}   trained {trained['gen_accuracy']:6.1%}")
-    if "logratio/chosen" in trained:
-        for i, which in enumerate(("chosen", "rejected")):
-            print(f"  {which + ' log-prob change':26} {trained['logratio/' + which]:+8.2f} nats   (trained "
-                  f"{trained['logps/' + which]:.2f} vs reference {ref_eval_logps[i].mean():.2f})")
-        print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
-        print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
+    runtime.print_summary(summary, cfg.loss, ref_eval_logps, len(eval_pairs), len(problems))
     return summary
 
 

@@ -304,6 +304,37 @@ def log_row(path, row):
 
 
 # ---------------------------------------------------------------------------------------------
+# What the loop prints: one line per logged step, and the summary
+
+def format_row(row, loss):
+    """One log line of train.py's loop: the failure DPOP targets (dchosen, the chosen log-prob's
+    change from the reference, going negative) stays in view."""
+    line = f"step {row['step']:4d} | loss {row['loss']:.4f}"
+    if loss != "sft":
+        line += (f" | margin {row['rewards/margins']:+.3f} | acc {row['rewards/accuracies']:.2f}"
+                 f" | dchosen {row['logratio/chosen']:+.2f} | drejected {row['logratio/rejected']:+.2f}"
+                 f" | penalty {row['penalty/active']:.2f}")
+    return line + (f" | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.1e}"
+                   f" | {row['tokens_per_s']:.0f} tok/s")
+
+
+def print_summary(summary, loss, ref_eval_logps, n_pairs, n_problems):
+    """train.summarize's figures as a small table: reference vs trained on held-out data."""
+    trained = summary["trained"]
+    print(f"--- summary ({loss}, {n_pairs} held-out pairs, {n_problems} held-out problems)")
+    if "gen_accuracy" in trained:
+        ref_acc = summary.get("reference", {}).get("gen_accuracy")
+        ref_txt = "     -" if ref_acc is None else f"{ref_acc:6.1%}"
+        print(f"  generation accuracy        reference {ref_txt}   trained {trained['gen_accuracy']:6.1%}")
+    if "logratio/chosen" in trained:
+        for i, which in enumerate(("chosen", "rejected")):
+            print(f"  {which + ' log-prob change':26} {trained['logratio/' + which]:+8.2f} nats   (trained "
+                  f"{trained['logps/' + which]:.2f} vs reference {ref_eval_logps[i].mean():.2f})")
+        print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
+        print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM, and steps that went wrong
 
 class catch_signals:

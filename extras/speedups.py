@@ -114,6 +114,13 @@ def sparse_embedding_grad(model, device, world):
 # ---------------------------------------------------------------------------------------------
 # The reference's log-probs, computed once (--ref-logps precompute)
 
+def precompute_pays(cfg, global_batch, n_pairs):
+    """--ref-logps: precompute, every-step, or auto: precompute when the run reads each training
+    pair at least once on average (one pass over the data then costs no more than the run saves)."""
+    return cfg.ref_logps == "precompute" or (
+        cfg.ref_logps == "auto" and cfg.steps * global_batch >= n_pairs)
+
+
 def reference_train_logps(ref, pairs, out, all_pair_logps):
     """The reference's log-probs of every training pair, as an (N, 2) tensor of (chosen,
     rejected), so that training needs no reference forward pass. all_pair_logps(model, pairs)
