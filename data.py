@@ -392,7 +392,7 @@ def record_from_json(obj):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def load_preferences(path):
+def load_preferences(path, quiet=False):
     r"""Read preference pairs from a JSON Lines file: one object per non-blank line, in one of three
     forms (lines may mix them; other fields are ignored). A UTF-8 byte-order mark and Windows line
     endings are accepted.
@@ -414,6 +414,8 @@ def load_preferences(path):
 
     Args:
         path: the file.
+        quiet: print no warning. (Lines without "prompt" whose chosen and rejected share no
+            beginning get an empty prompt, which is counted and warned about.)
     Returns:
         (records, n_identical): a list of dicts with string fields prompt, chosen and rejected,
         and how many pairs were skipped because chosen and rejected were the same (they carry no
@@ -426,7 +428,7 @@ def load_preferences(path):
             raw_lines = f.read().split(b"\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
-    records, n_identical = [], 0
+    records, n_identical, n_no_prompt = [], 0, 0
     for lineno, raw in enumerate(raw_lines, start=1):
         where = f"{path}:{lineno}"
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -451,26 +453,31 @@ def load_preferences(path):
             n_identical += 1
         else:
             records.append(record)
+            n_no_prompt += "prompt" not in obj and not record["prompt"]
     if not records:
         raise DataError(f"{path}: no preference pairs in the file")
+    if n_no_prompt and not quiet:
+        print(f"warning: {path}: {n_no_prompt} of {len(records)} pairs have no \"prompt\" and chosen and "
+              f"rejected texts that share no beginning, so their prompt is empty; give those lines a "
+              f"\"prompt\" field")
     return records, n_identical
 
 
 # ---------------------------------------------------------------------------------------------
 # Putting it together: what a run trains and evaluates on
 
-def read_splits(name, flag="--data"):
+def read_splits(name, flag="--data", quiet=False):
     """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs with a fixed
     5% (at most 256) held out for evaluation, and no test problems (no known answers). flag names
-    the command-line flag in error messages."""
+    the command-line flag in error messages; quiet: no warnings printed."""
     if name in BUILTIN:
         ds = builtin_data(name)
         return ds["train"], ds["eval"], ds["test"]
     if not (name.endswith((".jsonl", ".json")) or os.path.exists(name)):
         raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) "
                         f"nor an existing .jsonl file")
-    records, n_identical = load_preferences(name)
-    if n_identical:
+    records, n_identical = load_preferences(name, quiet)
+    if n_identical and not quiet:
         print(f"warning: skipped {n_identical} pairs of {name} whose chosen equals rejected")
     random.Random(0).shuffle(records)
     n_eval = min(256, len(records) // 20)

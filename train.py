@@ -73,7 +73,10 @@ class TrainConfig:
                                   "every-step, or auto (precompute if each pair is read once or more)")
     full_logits: bool = knob(False, "logits at every position, not only the completions' (slower)")
     share_prompt: bool = knob(False, "one packed row per pair, so each prompt is read once (same maths)")
-    # the SFT stage
+    # the SFT reference that a preference run without --init trains first (--loss sft reads --steps...)
+    sft_steps: int = knob(None, "its steps (default: 3 passes over the data, at most 600)")
+    sft_batch_size: int = knob(None, "its batch (default: 64, or fewer when the data has fewer pairs)")
+    sft_lr: float = knob(None, "its peak learning rate (default: 1e-3)")
     sft_target_acc: float = knob(0.5, "SFT from random weights stops at this held-out accuracy (0: never)")
     # the model, when it starts from random weights (otherwise the --init checkpoint's shape)
     n_layer: int = knob(4, "transformer blocks")
@@ -237,9 +240,14 @@ def generation_accuracy(model, enc, problems, ctx, device):
 
 
 def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems):
-    """Held-out metrics: preference metrics on eval pairs (when there is a reference) and greedy
-    generation accuracy on held-out problems (when the data has known answers)."""
+    """Held-out metrics: preference metrics on eval pairs (when there is a reference), for SFT the
+    loss per completion token of the chosen completions and its perplexity, and greedy generation
+    accuracy on held-out problems (when the data has known answers)."""
     metrics = {}
+    if eval_pairs and cfg.loss == "sft":
+        chosen, _ = all_pair_logps(model, eval_pairs, enc, ctx, device)
+        metrics["chosen_nll"] = -chosen.sum().item() / sum(len(c) for _, c, _ in eval_pairs)
+        metrics["chosen_ppl"] = math.exp(metrics["chosen_nll"])
     if eval_pairs and ref_eval_logps is not None:
         chosen, rejected = all_pair_logps(model, eval_pairs, enc, ctx, device)
         loss_name = cfg.loss if cfg.loss != "sft" else "dpo"  # an SFT run still reports DPO's metrics
@@ -286,10 +294,11 @@ def train(cfg):
     train_pairs, eval_pairs, val_problems, test_problems = load_data(
         cfg.data, cfg.eval_data, enc, model.config.block_size)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config}; device {device}, "
-          f"{dtype}; global batch {global_batch} pairs = batch size "
-          f"{cfg.batch_size} x grad accum {cfg.grad_accum} x {world} processes")
+    if global_batch > len(train_pairs):
+        raise DataError(f"a global batch of {global_batch} pairs (--batch-size {cfg.batch_size} x --grad-accum "
+                        f"{cfg.grad_accum} x {world} process{'es' * (world > 1)}) but only {len(train_pairs)} training pairs; "
+                        f"lower --batch-size" + (" (for the SFT reference: --sft-batch-size)" if cfg.loss == "sft" else ""))
+    runtime.print_config(cfg, model, device, dtype, world)  # a few readable lines: what trains, how
 
     # The reference: a frozen copy of the starting model. Its held-out figures are computed once;
     # its log-probs on the training pairs too when that pays (the reference model is then freed).
@@ -376,7 +385,7 @@ def train(cfg):
                                and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
                 stop_early = runtime.any_rank(reached, device)  # rank 0's say
                 if stop_early:
-                    print(f"SFT reached the target generation accuracy {cfg.sft_target_acc:.0%}: stopping")
+                    print(f"SFT reached {cfg.sft_target_acc:.0%} generation accuracy on the eval problems: stopping")
                 checkpoint(done=stop_early or step == cfg.steps)
                 if stop_early:
                     break
@@ -407,7 +416,7 @@ def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test
         summary["reference"] = {} if ref_test_acc is None else {"gen_accuracy": ref_test_acc}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    runtime.print_summary(summary, cfg.loss, ref_eval_logps, len(eval_pairs), len(problems))
+    runtime.print_summary(summary, cfg.loss, ref_eval_logps, len(eval_pairs), len(problems))  # a table
     return summary
 
 
@@ -415,11 +424,17 @@ def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test
 # The two stages: an SFT reference, then preference training from it
 
 def ensure_sft_reference(cfg):
-    """The path of the default SFT checkpoint for cfg's data and seed, trained first if missing."""
+    """The path of the default SFT checkpoint for cfg's data and seed, trained first if missing.
+    Its length fits the data: 3 passes (at most 600 steps), a batch of at most 64 pairs per
+    process and no more than the data has; --sft-steps, --sft-batch-size and --sft-lr override."""
     # the SFT recipe is the defaults; only what says which data, model and machine carries over
     keep = ("data", "eval_data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
             "sft_target_acc", "max_bad_steps", "dropout") + MODEL_SHAPE
-    sft_cfg = resolve(TrainConfig(loss="sft", **{k: getattr(cfg, k) for k in keep}))
+    n_pairs = runtime.count_train_pairs(cfg.data, cfg.eval_data)  # without tokenizing them
+    batch_size = cfg.sft_batch_size or max(1, min(64, n_pairs // runtime.rank_and_world()[1]))
+    steps = cfg.sft_steps or max(1, min(600, math.ceil(3 * n_pairs / batch_size)))
+    sft_cfg = resolve(TrainConfig(loss="sft", steps=steps, batch_size=batch_size, lr=cfg.sft_lr,
+                                  **{k: getattr(cfg, k) for k in keep}))
     path = os.path.join(sft_cfg.out, "ckpt.pt")
     sft_cfg.resume = os.path.exists(path)  # an SFT run that was interrupted continues
     if sft_cfg.resume and runtime.load_checkpoint(path).get("done"):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, load_tokenizer
+from data import DataError, load_tokenizer, read_splits
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
 
@@ -304,7 +304,28 @@ def log_row(path, row):
 
 
 # ---------------------------------------------------------------------------------------------
-# What the loop prints: one line per logged step, and the summary
+# What a run prints: its configuration, one line per logged step, and the summary
+
+def count_train_pairs(data, eval_data):
+    """How many training pairs --data (with --eval-data) gives, before tokenizing: what the
+    default SFT stage sizes its batch and its length by."""
+    train, held_out, _ = read_splits(data, "--data", quiet=True)
+    return len(train) + (len(held_out) if eval_data else 0)
+
+
+def print_config(cfg, model, device, dtype, world):
+    """The run's configuration in a few lines: the model that trains (with --init, the
+    checkpoint's shape, not the flags' defaults), the stage's recipe, the machine."""
+    c = model.config
+    start = f"from {cfg.init}" if cfg.init else "from random weights"
+    print(f"model: {c.n_layer} blocks x {c.n_head} heads, width {c.n_embd}, context {c.block_size}, "
+          f"vocabulary {c.vocab_size}: {model.num_params() / 1e6:.2f}M parameters, {start}")
+    recipe = f"loss {cfg.loss}" + ("" if cfg.loss == "sft" else f", beta {cfg.beta}") + \
+        (f", lam {cfg.lam}" if cfg.loss == "dpop" else "")
+    print(f"training: {recipe}; {cfg.steps} steps of {cfg.batch_size * cfg.grad_accum * world} pairs "
+          f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
+          f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")
+    print(f"machine: {device}, {str(dtype).removeprefix('torch.')}; output {cfg.out}")
 
 def format_row(row, loss):
     """One log line of train.py's loop: the failure DPOP targets (dchosen, the chosen log-prob's
@@ -313,7 +334,7 @@ def format_row(row, loss):
     if loss != "sft":
         line += (f" | margin {row['rewards/margins']:+.3f} | acc {row['rewards/accuracies']:.2f}"
                  f" | dchosen {row['logratio/chosen']:+.2f} | drejected {row['logratio/rejected']:+.2f}"
-                 f" | penalty {row['penalty/active']:.2f}")
+                 f" | chosen<ref {row['penalty/active']:.2f}")
     return line + (f" | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.1e}"
                    f" | {row['tokens_per_s']:.0f} tok/s")
 
@@ -321,11 +342,16 @@ def format_row(row, loss):
 def print_summary(summary, loss, ref_eval_logps, n_pairs, n_problems):
     """train.summarize's figures as a small table: reference vs trained on held-out data."""
     trained = summary["trained"]
-    print(f"--- summary ({loss}, {n_pairs} held-out pairs, {n_problems} held-out problems)")
+    print(f"--- summary ({loss}; held-out: {n_pairs} eval pairs" +
+          (f", {n_problems} test problems)" if n_problems else ")"))
     if "gen_accuracy" in trained:
         ref_acc = summary.get("reference", {}).get("gen_accuracy")
         ref_txt = "     -" if ref_acc is None else f"{ref_acc:6.1%}"
-        print(f"  generation accuracy        reference {ref_txt}   trained {trained['gen_accuracy']:6.1%}")
+        print(f"  generation accuracy        reference {ref_txt}   trained {trained['gen_accuracy']:6.1%}"
+              f"   (greedy, on the {n_problems} test problems)")
+    if "chosen_nll" in trained:
+        print(f"  chosen completions         {trained['chosen_nll']:8.3f} nats per token "
+              f"(perplexity {trained['chosen_ppl']:.2f}) on the eval pairs")
     if "logratio/chosen" in trained:
         for i, which in enumerate(("chosen", "rejected")):
             print(f"  {which + ' log-prob change':26} {trained['logratio/' + which]:+8.2f} nats   (trained "

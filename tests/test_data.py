@@ -324,3 +324,16 @@ def test_bad_conversational_lines_name_path_line_and_field(tmp_path, obj, messag
         load_preferences(path)
     assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_implicit_prompt_lines_without_a_shared_beginning_are_counted(tmp_path, capsys):
+    path = tmp_path / "hh.jsonl"
+    lines = [{"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: go"},
+             {"chosen": "yes", "rejected": "no"}, {"chosen": "a b", "rejected": "c d"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records, _ = load_preferences(str(path))
+    assert [r["prompt"] for r in records] == ["Human: hi Assistant:", "", ""]
+    assert "2 of 3 pairs have no \"prompt\" and chosen and rejected texts that share no beginning" \
+        in capsys.readouterr().out
+    load_preferences(str(path), quiet=True)
+    assert capsys.readouterr().out == ""

@@ -136,9 +136,8 @@ def test_resume_refuses_a_changed_configuration(tmp_path, tiny_args, sft_ckpt, s
 @pytest.mark.slow  # the whole default pipeline, built-in data with its generation evaluations
 def test_default_pipeline_trains_the_sft_reference_then_reuses_it(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(train.STAGE_DEFAULTS, "sft", dict(steps=4, batch_size=8, lr=1e-3))
     tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48",
-            "--steps", "2", "--batch-size", "4", "--eval-every", "2"]
+            "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--sft-steps", "4", "--sft-batch-size", "8"]
     main(["--loss", "dpop", *tiny])
     assert "stage 1: SFT reference" in capsys.readouterr().out
     sft = load_checkpoint("out/sft-arith-seed1337/ckpt.pt")
@@ -187,3 +186,35 @@ def test_eval_data_evaluates_on_another_set(tmp_path, tiny_args, sft_ckpt, small
     with pytest.raises(SystemExit) as err:
         main(tiny_args("y", "--init", sft_ckpt, "--eval-data", "nope.jsonl"))
     assert "nope.jsonl: cannot read the data file" in str(err.value)
+
+
+def test_the_sft_stage_fits_the_data(tmp_path, monkeypatch, capsys):
+    """A preference run on 38 pairs trains its SFT reference in batches of at most the 37
+    training pairs (one is held out), for 3 passes; --sft-steps, --sft-batch-size and --sft-lr
+    set it; the SFT summary reports the chosen completions' held-out loss per token."""
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "p38.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_data("arith")["train"][:38]))
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "48", "--data", str(data),
+            "--steps", "1", "--batch-size", "4"]
+    main(["--loss", "dpop", *tiny])
+    sft = load_checkpoint("out/sft-p38-seed1337/ckpt.pt")
+    assert (sft["config"]["batch_size"], sft["config"]["steps"], sft["step"]) == (37, 3, 3)
+    summary = json.load(open("out/sft-p38-seed1337/summary.json"))["trained"]
+    assert summary["chosen_ppl"] == pytest.approx(math.exp(summary["chosen_nll"]), rel=1e-9)
+    assert 0 < summary["chosen_nll"] < math.log(257) + 1  # a byte model starts near ln 257
+    main(["--loss", "dpo", *tiny, "--seed", "2", "--sft-steps", "5", "--sft-batch-size", "8",
+          "--sft-lr", "3e-3"])
+    sft = load_checkpoint("out/sft-p38-seed2/ckpt.pt")["config"]
+    assert (sft["steps"], sft["batch_size"], sft["lr"]) == (5, 8, 3e-3)
+    with pytest.raises(SystemExit) as err:
+        main(["--loss", "dpo", *tiny, "--seed", "3", "--sft-batch-size", "64"])
+    assert "only 37 training pairs; lower --batch-size (for the SFT reference: --sft-batch-size)" in str(err.value)
+
+
+def test_the_configuration_printed_is_the_model_that_trains(tiny_args, sft_ckpt, small_pairs, capsys):
+    """With --init, the start-up lines give the checkpoint's shape, not the flags' defaults."""
+    main(tiny_args("run", "--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "1"))
+    out = capsys.readouterr().out
+    assert "model: 1 blocks x 2 heads, width 32, context 48, vocabulary 257" in out
+    assert f"from {sft_ckpt}" in out and "training: loss dpop, beta 0.1, lam 50.0; 1 steps of 32 pairs" in out
