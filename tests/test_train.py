@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import train
 from data import load_tokenizer, tokenize_pairs, builtin_data, collate
 from dpop import preference_loss
 from model import GPT, GPTConfig
