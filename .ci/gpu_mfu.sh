@@ -7,7 +7,7 @@
 # a few configurations, each at growing micro-batches until the first failure (out of memory, say:
 # a larger batch would fail too). One JSON line per run, or per failure, goes to LOGDIR/mfu.jsonl;
 # a Markdown table follows, then a torch.profiler table of 3 steps of the non-compiled run with the
-# best MFU in LOGDIR/profile.txt (its head printed), each run's output in LOGDIR/runs/.
+# best MFU in LOGDIR/profile.txt (its head printed); every run's output goes to LOGDIR/runs.log.
 # Made to fit one 10-minute command: a run starts only while more than 30 s are left before
 # DEADLINE seconds (default 400), each is stopped at DEADLINE, and what is left is skipped and
 # listed; the profile adds 75 s at most. SYNTH names the folder of synth_prefs.py (default
@@ -19,10 +19,12 @@ SYNTH=${SYNTH:-../shared/bench}
 DEADLINE=${DEADLINE:-400}
 PROMPT_TOKENS=${PROMPT_TOKENS:-"508 1016"}
 JSONL=$LOGDIR/mfu.jsonl
+RUNS=$(mktemp -d)
 BENCH="$PY bench.py --device cuda --model gpt2 --dtype bfloat16 --synth $SYNTH"
 export PYTHONUNBUFFERED=1
-mkdir -p "$LOGDIR/runs"
+mkdir -p "$LOGDIR"
 : > "$JSONL"
+: > "$LOGDIR/runs.log"
 SKIPPED=""
 
 sweep() {  # sweep CONFIG LIMIT "BATCHES" FLAGS...: each prompt length at each batch, until one fails
@@ -32,10 +34,11 @@ sweep() {  # sweep CONFIG LIMIT "BATCHES" FLAGS...: each prompt length at each b
     for b in $batches; do
       if (( SECONDS > DEADLINE - 30 )); then SKIPPED="$SKIPPED $config/$n/$b"; continue; fi
       (( limit > DEADLINE - SECONDS )) && limit=$((DEADLINE - SECONDS))
-      log=$LOGDIR/runs/$config-$n-$b
+      log=$RUNS/$config-$n-$b
       echo "=== $config, prompts of $n tokens, batch $b (at $SECONDS s, $limit s at most)"
       timeout "$limit" $BENCH --prompt-tokens "$n" --batch "$b" "$@" > "$log.out" 2> "$log.err"
       rc=$?
+      { echo "=== $config $n $b: exit $rc"; cat "$log.out" "$log.err"; } >> "$LOGDIR/runs.log"
       if (( rc == 0 )) && tail -n 1 "$log.out" | grep -q '^{'; then
         tail -n 1 "$log.out" | sed "s/^{/{\"config\": \"$config\", /" >> "$JSONL"
         grep -o '"steady_tokens_per_s": [0-9.]*\|"peak_gpu_mem_mib": [0-9]*\|"fraction_of_matmul_peak": [0-9.]*' "$log.out" | paste -sd ' '
@@ -97,6 +100,8 @@ PYEOF
 )
 BEST=${BEST:-"--prompt-tokens 1016 --batch 16 --ref-logps precompute"}
 echo "=== profile: $BEST (at $SECONDS s)"
-timeout 75 $BENCH $BEST --steps 5 --warmup 2 --profile "$LOGDIR/profile.txt" > "$LOGDIR/runs/profile.out" 2> "$LOGDIR/runs/profile.err" \
-  && head -n 40 "$LOGDIR/profile.txt" || { echo "profile failed"; tail -n 5 "$LOGDIR/runs/profile.err"; }
+timeout 75 $BENCH $BEST --steps 5 --warmup 2 --profile "$LOGDIR/profile.txt" > "$RUNS/profile" 2>&1
+rc=$?
+{ echo "=== profile: exit $rc"; cat "$RUNS/profile"; } >> "$LOGDIR/runs.log"
+(( rc == 0 )) && head -n 40 "$LOGDIR/profile.txt" || { echo "profile: exit $rc"; tail -n 5 "$RUNS/profile"; }
 echo "total $SECONDS s"
