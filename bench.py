@@ -12,9 +12,19 @@ and the peak GPU memory is printed too.
     python bench.py                                   # our step, the reference run every step
     python bench.py --ref-logps precompute            # reference log-probs computed beforehand
     python bench.py --shots 8                         # long prompts, short completions
+    python bench.py --prompt-tokens 120               # prompts of exactly 120 tokens
+    python bench.py --profile /tmp/prof.txt           # and a table of the top ops of 3 more steps
     python bench.py --share-prompt                    # one packed row per pair: prompts read once
     python bench.py --vs-trl /tmp/trl-venv/bin/python --rounds 2   # alternate with TRL, a table
     python bench.py --device cuda --dtype bfloat16 --model gpt2 --batch 32 --shots 8   # a GPU
+    bash .ci/gpu_mfu.sh                               # GPT-2 shapes, rows of 512 and 1024 tokens
+
+Rows of a chosen length: --prompt-tokens N puts enough solved examples before each question that
+every prompt is longer than N, then cuts each prompt to its last N tokens (the cut may fall inside
+an example: the weights are random, so only the shape matters). Rows (prompt + completion) are
+then N + 4 or N + 5 tokens, and --share-prompt's packed rows N + 6 to N + 8. --profile FILE runs
+3 more steps under torch.profiler after the timed ones and writes the 25 ops that took the most
+self CUDA time (self CPU time on a CPU) to FILE, a text table.
 """
 import argparse
 import json
@@ -42,6 +52,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shots", type=int, default=0, help="solved examples before each prompt")
+    p.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
+                   help="instead of --shots: prompts of exactly N tokens (enough solved examples, "
+                        "then each prompt cut to its last N tokens), rows of N + 4 or N + 5")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2, help="leading steps left out of the figures")
     p.add_argument("--batch", type=int, default=8)
@@ -64,7 +77,16 @@ def parse_args(argv=None):
                    help="folder of synth_prefs.py (and trl_dpo_bench.py)")
     p.add_argument("--vs-trl", default="", help="python of a venv with TRL: alternate the two")
     p.add_argument("--rounds", type=int, default=1, help="with --vs-trl: runs of each side")
-    return p.parse_args(argv)
+    p.add_argument("--profile", default="", metavar="FILE",
+                   help="after the timed steps, profile 3 more (the first 3 batches again) with "
+                        "torch.profiler; write the top 25 ops by self CUDA time (self CPU time on "
+                        "a CPU) to FILE")
+    args = p.parse_args(argv)
+    if args.prompt_tokens and args.shots:
+        p.error("--prompt-tokens chooses the number of shots: pass one of the two")
+    if args.prompt_tokens and args.vs_trl:
+        p.error("--prompt-tokens: TRL's harness takes only --shots")
+    return args
 
 
 def matmul_flops_per_s(device, dtype, repeats=5):
@@ -106,6 +128,39 @@ def model_flops_per_step(config, pairs, ref_every_step, shared=False):
     return flops * (4 / 3 if ref_every_step else 1)
 
 
+SHOT_MIN_TOKENS = 16  # the shortest solved example, "Q: 12+34= A: 46\n", in byte tokens
+
+
+def synthetic_pairs(synth_prefs, n, shots, prompt_tokens):
+    """n tokenized (prompt, chosen, rejected) pairs from synth_prefs, with shots solved examples
+    before each question; with prompt_tokens, enough of them that every prompt is longer, and
+    then each prompt cut to its last prompt_tokens tokens. Returns (pairs, shots)."""
+    if prompt_tokens:
+        shots = -(-prompt_tokens // SHOT_MIN_TOKENS)  # rounded up; the question adds a dozen more
+    raw = synth_prefs.make_pairs(n, seed=0, digits=2, shots=shots)
+    pairs = [tuple(t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+             for t in map(synth_prefs.tokenize_pair, raw)]
+    if prompt_tokens:
+        pairs = [(p[-prompt_tokens:], c, r) for p, c, r in pairs]
+    return pairs, shots
+
+
+def profile_steps(path, title, device, step, n=3):
+    """Run step(i) for i < n under torch.profiler and write the 25 ops with the most self CUDA
+    time (self CPU time on a CPU) to path, as key_averages' text table under a title line."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for i in range(n):
+            step(i)
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"{title}; {n} steps, sorted by {key}\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+
+
 def run_ours(args):
     torch.set_num_threads(args.threads)
     if args.manual_attention:
@@ -122,9 +177,7 @@ def run_ours(args):
         torch.backends.cuda.matmul.allow_tf32 = True
     policy = GPT(config).to(device)
     ref = frozen_copy(policy)
-    raw = synth_prefs.make_pairs(args.steps * args.batch, seed=0, digits=2, shots=args.shots)
-    pairs = [tuple(t[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
-             for t in map(synth_prefs.tokenize_pair, raw)]
+    pairs, shots = synthetic_pairs(synth_prefs, args.steps * args.batch, args.shots, args.prompt_tokens)
     cfg = TrainConfig(loss="dpo", beta=0.1, lr=1e-5, grad_clip=1.0, batch_size=args.batch,
                       full_logits=args.full_logits, out=tempfile.mkdtemp(prefix="dpop_bench_"))
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
@@ -143,18 +196,23 @@ def run_ours(args):
         sync(device)
         precompute_s = time.perf_counter() - t0
         ref = None  # freed: training needs only the table
-    step_s, tokens = [], []
-    for step in range(args.steps):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def train_step(step):  # the loop's step with one micro-batch: forward, backward, update
         ids = list(range(step * args.batch, (step + 1) * args.batch))
         batch = to_device((collate_shared if args.share_prompt else collate)(
             [pairs[i] for i in ids], synth_prefs.PAD_ID), device)
         ref_logps = None if table is None else table[ids].to(device).unbind(1)
-        with ctx:  # the loop's step with one micro-batch: forward, backward, update
+        with ctx:
             loss, stats = batch_loss(train_policy, ref, batch, cfg, ref_logps)
         scaler.scale(loss).backward()
         optimizer_step(policy, optimizer, scaler, cfg.grad_clip, stats["loss"])
+        return stats, ids
+
+    step_s, tokens = [], []
+    for step in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        stats, ids = train_step(step)
         sync(device)
         step_s.append(time.perf_counter() - t0)
         tokens.append(sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs[i] for i in ids)))
@@ -165,19 +223,26 @@ def run_ours(args):
     peak = matmul_flops_per_s(device, dtype)
     gpu = {} if device.type != "cuda" else {
         "gpu": torch.cuda.get_device_name(), "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
-    return {"harness": "dpop bench.py", "shots": args.shots, "ref_logps": args.ref_logps,
-            "full_logits": args.full_logits, "share_prompt": args.share_prompt,
-            "fused_adamw": not args.unfused_adamw, "sdpa": not args.manual_attention,
-            "sparse_embedding_grad": policy.transformer.wte.sparse,
-            "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
-            "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,
-            "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),
-            "steady_step_s_median": round(statistics.median(step_s[args.warmup:]), 4),
-            "precompute_s": round(precompute_s, 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "model_flops_per_token": round(flops), "matmul_gflops": round(peak / 1e9, 2),
-            "fraction_of_matmul_peak": round(flops * tokens_per_s / peak, 3),
-            "loss_last": round(stats["loss"], 4)}
+    result = {
+        "harness": "dpop bench.py", "shots": shots, "prompt_tokens": args.prompt_tokens,
+        "ref_logps": args.ref_logps, "full_logits": args.full_logits, "share_prompt": args.share_prompt,
+        "fused_adamw": not args.unfused_adamw, "sdpa": not args.manual_attention,
+        "sparse_embedding_grad": policy.transformer.wte.sparse,
+        "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
+        "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,
+        "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),
+        "steady_step_s_median": round(statistics.median(step_s[args.warmup:]), 4),
+        "precompute_s": round(precompute_s, 2),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "model_flops_per_token": round(flops), "matmul_gflops": round(peak / 1e9, 2),
+        "fraction_of_matmul_peak": round(flops * tokens_per_s / peak, 3),
+        "loss_last": round(stats["loss"], 4)}
+    if args.profile:
+        title = (f"bench.py: {args.model}, {args.device}, {args.dtype}, batch {args.batch}, rows of "
+                 f"{mean_len:.0f} tokens, ref_logps {args.ref_logps}, share_prompt "
+                 f"{args.share_prompt}, compile {args.compile}")
+        profile_steps(args.profile, title, device, lambda i: train_step(i % args.steps))
+    return result
 
 
 def vs_trl(args):
