@@ -3,6 +3,8 @@
     python experiment.py            # the full grid, 3 seeds, 38 runs: about 45 minutes on 2 CPU cores
     python experiment.py --quick    # a smoke run of the same grid, tiny: about 30 seconds
     python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
+    python experiment.py --demo-range   # the demo (SFT, then DPO and DPOP) at seeds 1-10, on each of
+                                        # torch's CPU kernel paths: the range its figures take
 
 For each seed, every run starts from the same SFT reference and reads its data in the same order:
   1. the SFT reference: `train.py --loss sft` from random weights (it stops at 50% held-out accuracy)
@@ -25,7 +27,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, redirect_stdout
 
 import torch
@@ -44,18 +49,30 @@ QUICK = {"sft": ["--steps", "40", "--sft-target-acc", "0", "--n-layer", "2", "--
          "stage2": ["--steps", "10", "--batch-size", "8", "--lr", "2e-4", "--eval-every", "10"],
          "sampled": 256}
 CPU = torch.device("cpu")
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 2 3 (--demo-range: 1 to 10)")
     p.add_argument("--out", default="", help="folder of the runs and results.md (default: "
                    "out/experiment, or out/experiment-quick)")
     p.add_argument("--figure", default="", help="where the figure goes (default: "
                    "assets/experiment.png, or <out>/experiment.png with --quick)")
     p.add_argument("--quick", action="store_true", help="1 seed, tiny runs: a smoke test")
     p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
+    p.add_argument("--demo-range", action="store_true",
+                   help="the demo's figures over --seeds (default 1-10) and --kernels, in --out "
+                        "(default out/demo-range)")
+    p.add_argument("--kernels", nargs="+", default=["default", "avx2"],
+                   help="with --demo-range: values of ATEN_CPU_CAPABILITY, torch's CPU kernel path")
+    p.add_argument("--jobs", type=int, default=2, help="with --demo-range: runs at once, one thread each")
     args = p.parse_args(argv)
+    if args.demo_range:
+        args.seeds = args.seeds or list(range(1, 11))
+        args.out = args.out or "out/demo-range"
+        return args
+    args.seeds = args.seeds or [1, 2, 3]
     if args.quick:
         args.seeds = args.seeds[:1]
     args.out = args.out or ("out/experiment-quick" if args.quick else "out/experiment")
@@ -302,9 +319,72 @@ def plot(args):
     print(f"figure: {args.figure}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The demo's range: its figures over seeds and CPU kernel paths
+
+def demo_job(args, kernel, seed):
+    """One seed of the demo on one kernel path: the SFT reference, then DPO and DPOP from it,
+    each train.py in its own process (ATEN_CPU_CAPABILITY is read when torch loads) with one
+    thread. A finished run is skipped. Returns {name: summary} and the eval rows of each run."""
+    root = os.path.join(args.out, kernel, f"seed{seed}")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel, "OMP_NUM_THREADS": "1"}
+    sft = os.path.join(root, "sft", "ckpt.pt")
+    result = {}
+    for name, flags in (("sft", ["--loss", "sft"]), ("dpo", ["--loss", "dpo", "--init", sft]),
+                        ("dpop", ["--loss", "dpop", "--init", sft])):
+        folder = os.path.join(root, name)
+        if not os.path.exists(os.path.join(folder, "summary.json")):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "train.log"), "w") as log:
+                cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--out", folder]
+                subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+        result[name] = {"summary": json.load(open(os.path.join(folder, "summary.json"))),
+                        "eval": [r for r in rows if "eval/gen_accuracy" in r]}
+    print(f"  {kernel} seed {seed}: done", flush=True)
+    return kernel, seed, result
+
+
+def demo_range(args):
+    """Run demo_job for every kernel and seed, --jobs at a time; write <out>/demo-range.json and
+    print the table: held-out generation accuracy on the 200 test problems and the chosen
+    log-prob's change on the 256 eval pairs, and whether the demo's story holds (DPO at least 20
+    points below its reference with the chosen falling, DPOP at least 20 above with it rising)."""
+    t0 = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda ks: demo_job(args, *ks),
+                                [(k, s) for k in args.kernels for s in args.seeds]))
+    rows = []
+    for kernel, seed, r in results:
+        ref = r["dpo"]["summary"]["reference"]["gen_accuracy"]
+        dpo, dpop = (r[m]["summary"]["trained"] for m in ("dpo", "dpop"))
+        holds = (dpo["gen_accuracy"] <= ref - 0.2 and dpo["logratio/chosen"] < 0
+                 and dpop["gen_accuracy"] >= ref + 0.2 and dpop["logratio/chosen"] > 0)
+        rows.append({"kernel": kernel, "seed": seed, "reference": ref, "dpo": dpo["gen_accuracy"],
+                     "dpo_chosen": dpo["logratio/chosen"], "dpop": dpop["gen_accuracy"],
+                     "dpop_chosen": dpop["logratio/chosen"], "holds": holds,
+                     "sft_steps": r["sft"]["eval"][-1]["step"],
+                     "eval": {m: [(e["step"], e["eval/gen_accuracy"]) for e in r[m]["eval"]] for m in r}})
+    with open(os.path.join(args.out, "demo-range.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("| kernels | seed | SFT steps | reference | DPO | DPO chosen change | DPOP | DPOP chosen change | story holds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['seed']} | {r['sft_steps']} | {r['reference']:.1%} | {r['dpo']:.1%} | "
+              f"{r['dpo_chosen']:+.2f} | {r['dpop']:.1%} | {r['dpop_chosen']:+.2f} | {'yes' if r['holds'] else 'NO'} |")
+    worst_dpo = max(rows, key=lambda r: r["dpo"] - r["reference"])
+    worst_dpop = min(rows, key=lambda r: r["dpop"] - r["reference"])
+    print(f"worst DPO: {worst_dpo['dpo'] - worst_dpo['reference']:+.1%} (seed {worst_dpo['seed']}, "
+          f"{worst_dpo['kernel']}); worst DPOP: {worst_dpop['dpop'] - worst_dpop['reference']:+.1%} "
+          f"(seed {worst_dpop['seed']}, {worst_dpop['kernel']}); the story holds in "
+          f"{sum(r['holds'] for r in rows)} of {len(rows)}; {(time.time() - t0) / 60:.0f} minutes")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.plot:
+    if args.demo_range:
+        demo_range(args)
+    elif args.plot:
         plot(args)
     else:
         experiment(args)
