@@ -172,3 +172,6 @@ def test_preference_metrics():
     assert m["logratio/chosen"] == pytest.approx(0.4 / 4 / 0.1)
     assert m["penalty/active"] == 0.25
     assert m["logps/chosen"] == -3.0 and m["logps/rejected"] == -9.0
+    assert m["rewards/chosen"] == pytest.approx(0.4 / 4) and m["rewards/rejected"] == pytest.approx(-0.3 / 4)
+    assert m["logratio/rejected"] == pytest.approx(-0.3 / 4 / 0.1)
+    assert len(m) == 9 and all(type(v) is float for v in m.values())  # Python floats, for the log
