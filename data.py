@@ -214,7 +214,9 @@ def collate(pairs, pad_id):
         n = len(seq) - 1
         idx[i, :n] = torch.tensor(seq[:-1])
         targets[i, :n] = torch.tensor(seq[1:])
+        # exercise 1 begins: the completion mask
         mask[i, len(prompt) - 1:n] = True  # targets[t] = seq[t+1]: the completion starts at t = len(prompt)-1
+        # exercise 1 ends
     return Batch(idx, targets, mask)
 
 

@@ -43,9 +43,11 @@ def sequence_logps(logits, targets, mask):
         (B,) float32: one summed log-prob per row. A sum, not a mean, as in the DPO paper.
     """
     logps = F.log_softmax(logits.float(), dim=-1)                         # (B, T, V)
+    # exercise 2 begins: the summed log-prob of the completion tokens
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)     # (B, T)
     # where() rather than a multiply: a masked position holding -inf or NaN must not leak in
     return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(-1)
+    # exercise 2 ends
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -82,10 +84,12 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margins)
                   - label_smoothing * F.logsigmoid(-beta * margins))
     elif loss == "dpop":
+        # exercise 3 begins: the DPOP branch
         # max(0, logp_ref(yw) - logp_pi(yw)). relu, not clamp: at c = 0 (policy == reference, as
         # at step 0) relu's gradient is 0 and the penalty is inactive, while clamp's would be 1
         penalty = torch.relu(-chosen_logratios)
         losses = -F.logsigmoid(beta * (margins - lam * penalty))
+        # exercise 3 ends
     elif loss == "ipo":
         losses = (margins - 1 / (2 * beta)) ** 2
     else:  # hinge
@@ -112,6 +116,7 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,
         logratio/chosen going negative) and penalty/active (the fraction of pairs where DPOP's
         penalty is non-zero, i.e. the chosen log-prob fell below the reference's).
     """
+    # exercise 4 begins: the preference metrics
     margins = chosen_rewards - rejected_rewards
     return {
         "rewards/chosen": chosen_rewards.mean().item(),
@@ -124,6 +129,7 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,
         "logratio/rejected": (rejected_rewards / beta).mean().item(),
         "penalty/active": (chosen_rewards < 0).float().mean().item(),
     }
+    # exercise 4 ends
 
 
 # ---------------------------------------------------------------------------------------------

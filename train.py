@@ -352,7 +352,9 @@ def train(cfg):
                 with runtime.sync_gradients(train_model, last=m == cfg.grad_accum - 1):  # DDP: once a step
                     with ctx:
                         loss, micro_stats = batch_loss(train_model, ref, batch, cfg, ref_logps)
+                    # exercise 5 begins: backward, scaled for accumulation
                     scaler.scale(loss / cfg.grad_accum).backward()  # divided: the sum is the mean's gradient
+                    # exercise 5 ends
                 for k, v in micro_stats.items():  # log the true mean over micro-batches, not the last
                     stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
             stats = runtime.all_mean(stats, device)  # under torchrun: the mean over the ranks
