@@ -1,0 +1,96 @@
+"""extras/exercises.py: the markers agree with the mapping to tests, the student copy has each
+region stubbed, and on that copy exactly the mapped tests fail (slow: pytest in a subprocess)."""
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import ROOT
+from extras import exercises
+from extras.exercises import HINTS, TESTS, ExerciseError, find_regions, write_student_copy
+
+WHERE = {1: ("data.py", "collate"), 2: ("dpop.py", "sequence_logps"), 3: ("dpop.py", "preference_loss"),
+         4: ("dpop.py", "preference_metrics"), 5: ("train.py", "train")}
+GONE = {1: "mask[i, len(prompt) - 1:n] = True", 2: "logps.gather(-1, targets.unsqueeze(-1))",
+        3: "penalty = torch.relu(-chosen_logratios)", 4: '"logratio/chosen": (chosen_rewards / beta)',
+        5: "scaler.scale(loss / cfg.grad_accum).backward()"}
+
+
+def test_markers_agree_with_the_mapping_to_tests():
+    regions = exercises.all_regions(ROOT, exercises.source_files(ROOT))
+    assert {r.number: (r.path, r.function) for r in regions} == WHERE
+    assert set(HINTS) == set(TESTS) == set(WHERE)
+    for node in (node for nodes in TESTS.values() for node in nodes):  # each names a real test
+        path, name = node.split("::")
+        with open(os.path.join(ROOT, path)) as f:
+            assert f"\ndef {name.split('[')[0]}(" in f.read(), node
+
+
+def test_the_student_copy_stubs_each_region_and_nothing_else(tmp_path):
+    out = tmp_path / "student"
+    write_student_copy(str(out))
+    sheet = (out / "EXERCISES.md").read_text()
+    for n, (path, function) in WHERE.items():
+        code = (out / path).read_text()
+        compile(code, path, "exec")
+        assert f'raise NotImplementedError("exercise {n}: {HINTS[n]}")' in code and GONE[n] not in code
+        assert f"in `{function}`" in sheet and exercises.grading_command(n) in sheet
+    for path in ("model.py", "tests/test_dpop.py", "extras/runtime.py", "assets/experiment.png"):
+        assert (out / path).read_bytes() == open(os.path.join(ROOT, path), "rb").read()
+    assert not (out / ".git").exists()
+
+
+def test_bad_input_is_one_error_line(tmp_path, capsys):
+    out = tmp_path / "student"
+    out.mkdir()
+    (out / "mine.py").write_text("a student's work\n")
+    assert exercises.main([str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} exists and is not an empty folder") and err.count("\n") == 1
+    assert (out / "mine.py").read_text() == "a student's work\n"
+
+    lines = ["def f():", "    # exercise 1 begins: a title", "    return 1"]
+    with pytest.raises(ExerciseError, match=r"^x.py:2: exercise 1 begins but never ends"):
+        find_regions("x.py", lines)
+    with pytest.raises(ExerciseError, match=r"^x.py:4: exercise 2 ends, but exercise 1 began \(line 2\)"):
+        find_regions("x.py", lines + ["    # exercise 2 ends"])
+    with pytest.raises(ExerciseError, match=r"^x.py:2: exercise 1 marks no code"):
+        find_regions("x.py", lines[:2] + ["", "    # exercise 1 ends"])
+    [region] = find_regions("x.py", lines + ["    # exercise 1 ends"])
+    assert (region.number, region.title, region.function, region.begin, region.end) == (1, "a title", "f", 2, 4)
+
+
+def outcomes(folder, node_ids, report):
+    """Run pytest on node_ids in folder; {node id: "passed", "failed" or "skipped"}."""
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                    *node_ids], cwd=folder, capture_output=True, timeout=300)
+    found = {}
+    for case in ET.parse(report).iter("testcase"):
+        node = case.get("classname").replace(".", "/") + ".py::" + case.get("name")
+        tags = {child.tag for child in case}
+        found[node] = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
+    return found
+
+
+@pytest.mark.slow  # pytest in subprocesses, on copies of the repo
+def test_on_the_student_copy_exactly_the_mapped_tests_fail(tmp_path):
+    """All stubs in: the mapped tests fail, the other tests of test_dpop.py and test_data.py pass."""
+    out = tmp_path / "student"
+    write_student_copy(str(out))
+    mapped = {node for nodes in TESTS.values() for node in nodes}
+    found = outcomes(out, ["tests/test_dpop.py", "tests/test_data.py", *sorted(mapped)], tmp_path / "all.xml")
+    assert mapped <= found.keys() and len(found) > 30
+    assert {node for node, outcome in found.items() if outcome == "failed"} == mapped
+
+
+@pytest.mark.slow
+def test_each_exercise_passes_once_it_and_those_before_it_are_written(tmp_path):
+    """Exercise n solved (the real code) and those after it stubbed: its tests pass. (The last
+    one's copy is the real repo, whose tests the fast subset runs, and the slowest: it trains.)"""
+    for n in sorted(TESTS)[:-1]:
+        out = tmp_path / f"solved{n}"
+        write_student_copy(str(out), numbers={m for m in TESTS if m > n})
+        found = outcomes(out, TESTS[n], tmp_path / f"solved{n}.xml")
+        assert found == {node: "passed" for node in TESTS[n]}, n
