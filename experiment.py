@@ -3,6 +3,9 @@
     python experiment.py            # the full grid, 3 seeds, 38 runs: about 45 minutes on 2 CPU cores
     python experiment.py --quick    # a smoke run of the same grid, tiny: about 30 seconds
     python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
+    python experiment.py --plot-runs out/dpo-arith-seed1337 out/dpop-arith-seed1337   # your own runs
+                                    # on one figure, runs.png (--figure): chosen and rejected change
+                                    # and held-out accuracy vs step, from each folder's metrics.jsonl
     python experiment.py --demo-range   # the demo (SFT, then DPO and DPOP) at seeds 1-10, on each of
                                         # torch's CPU kernel paths: the range its figures take
 
@@ -58,9 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="folder of the runs and results.md (default: "
                    "out/experiment, or out/experiment-quick)")
     p.add_argument("--figure", default="", help="where the figure goes (default: "
-                   "assets/experiment.png, or <out>/experiment.png with --quick)")
+                   "assets/experiment.png, or <out>/experiment.png with --quick; runs.png with --plot-runs)")
     p.add_argument("--quick", action="store_true", help="1 seed, tiny runs: a smoke test")
     p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
+    p.add_argument("--plot-runs", nargs="+", metavar="FOLDER",
+                   help="draw these train.py runs' metrics.jsonl on one figure, and nothing else")
     p.add_argument("--demo-range", action="store_true",
                    help="the demo's figures over --seeds (default 1-10) and --kernels, in --out "
                         "(default out/demo-range)")
@@ -68,6 +73,9 @@ def parse_args(argv=None):
                    help="with --demo-range: values of ATEN_CPU_CAPABILITY, torch's CPU kernel path")
     p.add_argument("--jobs", type=int, default=2, help="with --demo-range: runs at once, one thread each")
     args = p.parse_args(argv)
+    if args.plot_runs:
+        args.figure = args.figure or "runs.png"
+        return args
     if args.demo_range:
         args.seeds = args.seeds or list(range(1, 11))
         args.out = args.out or "out/demo-range"
@@ -276,16 +284,31 @@ def tables(results, args, minutes):
     return "\n".join(lines) + "\n"
 
 
-def plot(args):
-    """The figure: the mean change of the chosen (top) and rejected (bottom) log-prob on the
-    training batches vs step, DPO vs DPOP, one column per data variant, the seeds' range shaded."""
+def pyplot(command):
+    """matplotlib.pyplot, drawing into files (no window); or None, after saying how to install
+    matplotlib (an optional extra) and then run command again."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("the figure needs matplotlib, an optional extra: pip install matplotlib; then "
-              "python experiment.py --plot")
+        print(f"the figure needs matplotlib, an optional extra: pip install matplotlib; then {command}")
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
+
+
+def plot(args):
+    """The figure: the mean change of the chosen (top) and rejected (bottom) log-prob on the
+    training batches vs step, DPO vs DPOP, one column per data variant, the seeds' range shaded."""
+    plt = pyplot("python experiment.py --plot")
+    if plt is None:
         return
     seeds = sorted(int(d[4:]) for d in os.listdir(args.out) if d.startswith("seed"))
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
@@ -313,10 +336,40 @@ def plot(args):
     axes[0, 0].legend()
     fig.suptitle(f"DPO vs DPOP from the same SFT reference: mean over seeds {', '.join(map(str, seeds))} "
                  f"(shaded: min to max), training batches")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(args.figure) or ".", exist_ok=True)
-    fig.savefig(args.figure, dpi=110)
-    print(f"figure: {args.figure}")
+    save_figure(fig, args.figure)
+
+
+def plot_runs(args):
+    """Your own runs on one figure, one line each, labelled by its folder's name: the chosen and
+    the rejected log-prob change from the reference on the training batches (the log's dchosen and
+    drejected), and the greedy generation accuracy on the eval problems (when the data has them),
+    against step, from each folder's metrics.jsonl."""
+    plt = pyplot("python experiment.py --plot-runs " + " ".join(args.plot_runs))
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
+    for i, folder in enumerate(args.plot_runs):
+        path = os.path.join(folder, "metrics.jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"error: {path}: not found (--plot-runs takes the folders that train.py wrote)")
+        # whole lines only: a run that is still going may be half-way through writing its last
+        rows = [json.loads(line) for line in open(path) if line.endswith("\n")]
+        name = os.path.basename(os.path.normpath(folder))
+        for ax, key in zip(axes, ("logratio/chosen", "logratio/rejected", "eval/gen_accuracy")):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:  # colour C<i>: a run has the same colour in every panel
+                ax.plot(*zip(*points), color=f"C{i}", label=name, marker="o" if key.startswith("eval") else ".")
+    for ax, title in zip(axes, ("chosen log-prob change (nats), training batches",
+                                "rejected log-prob change (nats), training batches",
+                                "generation accuracy, held-out eval problems")):
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize="small")
+    for ax in axes[:2]:
+        ax.axhline(0, color="grey", linewidth=0.5)  # the reference
+    axes[2].set_ylim(-0.02, 1.02)
+    save_figure(fig, args.figure)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +435,9 @@ def demo_range(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.demo_range:
+    if args.plot_runs:
+        plot_runs(args)
+    elif args.demo_range:
         demo_range(args)
     elif args.plot:
         plot(args)

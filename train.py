@@ -233,10 +233,11 @@ def all_pair_logps(model, pairs, enc, ctx, device, batch_size=64):
 
 
 def generation_accuracy(model, enc, problems, ctx, device):
-    """Fraction of problems whose greedy completion states the right final answer."""
+    """Fraction of problems whose greedy completion states the right final answer, and the
+    completions (texts, in the problems' order)."""
     texts = speedups.complete(model, enc, [prompt for prompt, _ in problems], ctx, device)  # batched
     correct = sum(answer_of(text) == answer for text, (_, answer) in zip(texts, problems))
-    return correct / max(1, len(problems))
+    return correct / max(1, len(problems)), texts
 
 
 def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems):
@@ -257,7 +258,7 @@ def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
         metrics["loss"] = losses.mean().item()
         metrics.update(preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, cfg.beta))
     if problems:
-        metrics["gen_accuracy"] = generation_accuracy(model, enc, problems, ctx, device)
+        metrics["gen_accuracy"], _ = generation_accuracy(model, enc, problems, ctx, device)
     model.train()
     return metrics
 
@@ -304,8 +305,8 @@ def train(cfg):
     # its log-probs on the training pairs too when that pays (the reference model is then freed).
     ref = frozen_copy(model) if cfg.init else None
     ref_eval_logps = all_pair_logps(ref, eval_pairs, enc, ctx, device) if ref and eval_pairs else None
-    ref_test_acc = generation_accuracy(ref, enc, test_problems, ctx, device) \
-        if ref and test_problems and master else None
+    ref_test = generation_accuracy(ref, enc, test_problems, ctx, device) \
+        if ref and test_problems and master else (None, None)  # (accuracy, completions)
     ref_train_logps = None  # --ref-logps precompute: an (N, 2) table of them, cached in --out
     if ref is not None and cfg.loss != "sft" and speedups.precompute_pays(cfg, global_batch, len(train_pairs)):
         ref_train_logps = speedups.reference_train_logps(
@@ -404,21 +405,27 @@ def train(cfg):
         if cfg.export_hf:
             save_hf_gpt2(model, cfg.export_hf, eos_id=enc.eot_token)  # extras/hf_gpt2.py
             print(f"exported a Hugging Face GPT-2 checkpoint to {cfg.export_hf}")
-        summary = summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test_acc,
+        summary = summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test,
                             test_problems)
     runtime.barrier()  # under torchrun, the next stage reads this one's checkpoint
     return summary
 
 
-def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test_acc, problems):
-    """Reference vs trained on held-out data; printed, written to <out>/summary.json, returned."""
-    trained = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
+def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test, problems):
+    """Reference vs trained on held-out data; printed, written to <out>/summary.json, returned.
+    ref_test: the reference's (accuracy, completions) on the test problems, or (None, None)."""
+    trained = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems=[])
+    if problems:  # evaluate's last figure, computed here to keep the completions for the examples
+        trained["gen_accuracy"], texts = generation_accuracy(model, enc, problems, ctx, device)
     summary = {"trained": trained}
     if cfg.init:
-        summary["reference"] = {} if ref_test_acc is None else {"gen_accuracy": ref_test_acc}
+        summary["reference"] = {} if ref_test[0] is None else {"gen_accuracy": ref_test[0]}
     with open(os.path.join(cfg.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     runtime.print_summary(summary, cfg.loss, ref_eval_logps, len(eval_pairs), len(problems))  # a table
+    if ref_test[1] is not None:  # three test problems, each with both models' completions
+        runtime.print_examples(problems[:3], {"reference": ref_test[1], "trained": texts},
+                               "the first 3 test problems, greedy completions")
     return summary
 
 

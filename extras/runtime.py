@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, load_tokenizer, read_splits
+from data import DataError, answer_of, load_tokenizer, read_splits
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
 
@@ -358,6 +358,25 @@ def print_summary(summary, loss, ref_eval_logps, n_pairs, n_problems):
                   f"{trained['logps/' + which]:.2f} vs reference {ref_eval_logps[i].mean():.2f})")
         print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
         print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
+
+
+def print_examples(problems, completions, title):
+    """Problems side by side: each prompt, then every model's completion, marked right or wrong by
+    its final answer (what the accuracy figures count). problems: (prompt, answer) pairs, answer
+    None for a prompt without one; completions: {model name: texts, in the problems' order}.
+
+        --- the first 3 test problems, greedy completions
+          123+456=   answer 579
+            reference  right  3+6=9; 2+5=7; 1+4=5; answer 579
+            trained    wrong  3+6=9; 2+5=8; 1+4=5; answer 589
+    """
+    width = max(map(len, completions))
+    print(f"--- {title}")
+    for i, (prompt, answer) in enumerate(problems):
+        print(f"  {prompt}" + ("" if answer is None else f"   answer {answer}"))
+        for name, texts in completions.items():
+            mark = "" if answer is None else "right  " if answer_of(texts[i]) == answer else "wrong  "
+            print(f"    {name:{width}}  {mark}" + texts[i].replace("\n", "\\n"))  # one line each
 
 
 # ---------------------------------------------------------------------------------------------
