@@ -11,6 +11,7 @@ import torch
 
 import train
 from conftest import ROOT, TINY_MODEL
+from data import DataError, load_preferences
 from extras.runtime import load_checkpoint
 from train import main
 
@@ -76,6 +77,33 @@ def test_data_file_problems(tmp_path, tiny_args, sft_ckpt, capsys):
                                          "rejected": str(i + 2)}) + "\n" for i in range(20)))
     main(tiny_args("ok", "--init", sft_ckpt, "--data", str(pairs), "--steps", "1", "--batch-size", "4"))
     assert "skipped 1 pairs" in capsys.readouterr().out
+    same = tmp_path / "same.jsonl"  # every pair skipped: say so, not only "no pairs"
+    same.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": "x", "rejected": "x"}) + "\n"
+                            for i in range(3)))
+    assert ("no preference pairs in the file: all 3 were skipped because their chosen equals their "
+            "rejected") in error_of(tiny_args("x", "--init", sft_ckpt, "--data", str(same)))
+
+
+@pytest.mark.parametrize("text, line", [
+    ('[\n  {"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n]\n', 1),  # a pretty-printed array
+    ('[{"prompt": "1+1=", "chosen": "2", "rejected": "3"}]\n', 1),        # an array on one line
+    ('{\n  "prompt": "1+1=",\n  "chosen": "2",\n  "rejected": "3"\n}\n', 1),  # a pretty-printed object
+])
+def test_json_that_is_not_json_lines_says_so(tmp_path, text, line):
+    path = tmp_path / "pairs.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        load_preferences(str(path))
+    assert str(err.value).startswith(f"{path}:{line}: ")
+    assert "the format is JSON Lines: one object per line" in str(err.value)
+
+
+def test_a_typo_in_json_lines_gets_no_json_lines_hint(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"\n')
+    with pytest.raises(DataError) as err:
+        load_preferences(str(path))
+    assert "invalid JSON" in str(err.value) and "JSON Lines" not in str(err.value)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_args, sft_ckpt, small_pairs, monkeypatch):
