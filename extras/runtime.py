@@ -6,6 +6,7 @@ says in a comment what it does, so a student never has to open this file to foll
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, load_tokenizer
+from data import BUILTIN, DataError, load_tokenizer
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
 
@@ -45,16 +46,43 @@ def parse_config(config_class, argv, description, choices):
     return config_class(**vars(p.parse_args(argv)))
 
 
+# GPT-2 has 1024 positions. 65536 is 64 times that and already costs n_embd x 256 KiB of position
+# embeddings and, on a CPU, a (T, T) attention matrix per head of 16 GiB; --block-size 1000000000
+# would ask for a 512 GB allocation, so larger values are refused before anything is built.
+MAX_BLOCK_SIZE = 65536
+
+
 def check_config(cfg):
-    """Refuse values that cannot work, with one line that names the flag and its range."""
+    """Refuse values that cannot work, before any work, with one line that names the flag and
+    the range it takes; also the folders the run will write (--out, --export-hf), the data files,
+    and --resume's checkpoint."""
+    def refuse(name, allowed):
+        raise DataError(f"--{name.replace('_', '-')} must be {allowed}, got {getattr(cfg, name)}")
+
+    for f in dataclasses.fields(cfg):  # nan and inf would pass every comparison below
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            refuse(f.name, "a finite number")
     for name in ("steps", "batch_size", "grad_accum", "lr", "beta", "eval_every", "log_every",
-                 "max_bad_steps"):
+                 "max_bad_steps", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) <= 0:
-            raise DataError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            refuse(name, "positive")
+    for name in ("lam", "grad_clip", "weight_decay"):  # --grad-clip 0: no clipping
+        if getattr(cfg, name) < 0:
+            refuse(name, "zero or positive")
+    for name in ("warmup", "min_lr_ratio", "sft_target_acc"):  # fractions
+        if not 0 <= getattr(cfg, name) <= 1:
+            refuse(name, "in [0, 1]")
+    if not 0 <= cfg.dropout < 1:
+        refuse("dropout", "in [0, 1)")
+    if not 1 <= cfg.block_size <= MAX_BLOCK_SIZE:
+        refuse("block_size", f"in [1, {MAX_BLOCK_SIZE}]")
+    if cfg.n_embd % cfg.n_head:
+        raise DataError(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head} "
+                        f"(each head gets n_embd / n_head channels)")
+    if not 0 <= cfg.seed < 2 ** 32:
+        refuse("seed", "in [0, 2**32)")
     if cfg.ref_logps not in ("auto", "precompute", "every-step"):
         raise DataError(f"--ref-logps {cfg.ref_logps}: choose auto, precompute or every-step")
-    if cfg.lam < 0:
-        raise DataError(f"--lam must be zero or positive, got {cfg.lam}")
     if cfg.label_smoothing and cfg.loss != "dpo":
         raise DataError("--label-smoothing applies to --loss dpo only")
     if not 0 <= cfg.label_smoothing < 0.5:
@@ -65,6 +93,37 @@ def check_config(cfg):
         raise DataError(f"--device {cfg.device}: choose auto, cuda, cuda:N, mps or cpu")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise DataError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
+    load_tokenizer(cfg.tokenizer)  # a name or file that is not a tokenizer: one line, now
+    for flag, name in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if name and name not in BUILTIN and not os.path.isfile(name):
+            raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) nor an "
+                            f"existing file")
+    check_writable(cfg.out, "--out")
+    if cfg.export_hf:
+        check_writable(cfg.export_hf, "--export-hf")
+    # A preference run without --init first continues or reuses its SFT reference, so there an
+    # absent checkpoint may be right: claim_reference decides.
+    if cfg.resume and (cfg.loss == "sft" or cfg.init) and not os.path.isfile(os.path.join(cfg.out, "ckpt.pt")):
+        raise DataError(nothing_to_resume(cfg.out))
+
+
+def check_writable(folder, flag):
+    """The folder a run will write in (it may not exist yet): refused, in one line, if it is a
+    file, lies under a file, or lies in a folder this user cannot write (or on a read-only disk)."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(folder) else f"is under {path}, a file"
+        raise DataError(f"{flag} {folder} {where}, not a folder; use another {flag}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {folder}: cannot write in {path} (no permission, or a read-only "
+                        f"disk); use another {flag}")
+
+
+def nothing_to_resume(out):
+    return (f"--resume: no checkpoint at {os.path.join(out, 'ckpt.pt')} to continue (is --out "
+            f"right?); drop --resume to start from step 0")
 
 
 # ---------------------------------------------------------------------------------------------

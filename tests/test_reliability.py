@@ -12,6 +12,7 @@ import torch
 import train
 from conftest import ROOT, TINY_MODEL
 from data import DataError, load_preferences
+from extras import runtime
 from extras.runtime import load_checkpoint
 from train import main
 
@@ -38,7 +39,27 @@ def error_of(argv):
     (["--lam", "-1"], "--lam must be zero or positive"),
     (["--tokenizer", "nope"], "--tokenizer 'nope': not 'byte'"),
     (["--n-layer", "2"], "--n-layer 2, but --init"),
-    (["--data", "missing.jsonl"], "missing.jsonl: cannot read the data file"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: not a built-in data set"),
+    (["--eval-data", "nope.jsonl"], "--eval-data nope.jsonl: not a built-in data set"),
+    # accepted and trained before, or a traceback (issue 14)
+    (["--grad-clip=-1"], "--grad-clip must be zero or positive, got -1.0"),
+    (["--n-layer", "-1"], "--n-layer must be positive, got -1"),
+    (["--n-head", "0"], "--n-head must be positive"),
+    (["--warmup", "2"], "--warmup must be in [0, 1], got 2.0"),
+    (["--warmup=-0.5"], "--warmup must be in [0, 1]"),
+    (["--min-lr-ratio", "5"], "--min-lr-ratio must be in [0, 1], got 5.0"),
+    (["--weight-decay=-3"], "--weight-decay must be zero or positive"),
+    (["--n-embd", "100", "--n-head", "3"], "--n-embd 100 must be a multiple of --n-head 3"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--block-size", "1000000000"], "--block-size must be in [1, 65536], got 1000000000"),
+    (["--block-size", "0"], "--block-size must be in [1, 65536]"),
+    (["--sft-target-acc", "1.5"], "--sft-target-acc must be in [0, 1]"),
+    (["--seed=-1"], "--seed must be in [0, 2**32)"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--beta", "inf"], "--beta must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--resume"], "--resume: no checkpoint at"),
     (["--data", "arith-xl"], "not a built-in data set"),
     (["--init", "nope.pt"], "nope.pt: checkpoint not found"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
@@ -140,6 +161,29 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
     ckpt = load_checkpoint(str(tmp_path / "bad" / "ckpt.pt"))
     assert ckpt["step"] == 6 and not ckpt["done"]  # step 6's weights are those of step 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_folders_that_cannot_be_written_are_refused_before_any_work(tmp_path, tiny_args, sft_ckpt,
+                                                                     monkeypatch):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder")
+    run = tiny_args("x", "--init", sft_ckpt)
+    assert error_of([*run, "--out", str(notes)]) == f"error: --out {notes} is a file, not a folder; use another --out"
+    assert error_of([*run, "--out", str(notes / "run")]) == \
+        f"error: --out {notes / 'run'} is under {notes}, a file, not a folder; use another --out"
+    assert error_of([*run, "--export-hf", str(notes)]) == \
+        f"error: --export-hf {notes} is a file, not a folder; use another --export-hf"
+    monkeypatch.setattr(runtime.os, "access", lambda path, mode: False)  # as if read-only (root writes anyway)
+    assert error_of(run) == (f"error: --out {tmp_path / 'x'}: cannot write in {tmp_path} (no permission, "
+                             f"or a read-only disk); use another --out")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in a read-only folder")
+def test_a_read_only_folder_is_refused(tmp_path, tiny_args, sft_ckpt):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert "cannot write in" in error_of(tiny_args("x", "--init", sft_ckpt, "--out", str(locked / "run")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,4 +186,4 @@ def test_eval_data_evaluates_on_another_set(tmp_path, tiny_args, sft_ckpt, small
     assert "gen_accuracy" in summary["trained"] and "gen_accuracy" in summary["reference"]
     with pytest.raises(SystemExit) as err:
         main(tiny_args("y", "--init", sft_ckpt, "--eval-data", "nope.jsonl"))
-    assert "nope.jsonl: cannot read the data file" in str(err.value)
+    assert "--eval-data nope.jsonl: not a built-in data set" in str(err.value)
