@@ -440,6 +440,11 @@ def main(argv=None):
         return train(cfg)  # stage 2 (or the only stage)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a folder that cannot be written: the path, what to do
+        sys.exit(f"error: {runtime.explain_os_error(e)}")
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (set-up, summary): one line, no traceback
+        print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     finally:
         runtime.close_distributed()
 

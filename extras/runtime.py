@@ -1,10 +1,15 @@
 """What a real training run needs and a lesson does not: checkpoints written atomically and read
 back with checks, --init from a checkpoint or GPT-2 weights, --resume, Ctrl-C and SIGTERM,
-several processes under torchrun, and the metrics file. train.py calls these; each call there
-says in a comment what it does, so a student never has to open this file to follow a step.
+several processes under torchrun, and the metrics file. train.py calls these; each call there says in a comment what it
+does, so a student never has to open this file to follow a step.
+
+Whatever a run finds on disk (a torn file, a full or read-only disk), it
+either carries on correctly or stops with one `error:` line that names the path and says what to
+do: never a traceback, never a silently wrong result.
 """
 import argparse
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -12,7 +17,7 @@ import random
 import re
 import signal
 import sys
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
 import torch
 import torch.distributed as dist
@@ -21,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import BUILTIN, DataError, load_tokenizer
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,19 +194,61 @@ def close_distributed():
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, read back with checks
+# Files: written atomically; a failure is one line that names the path
 
-def save_checkpoint(path, obj):
-    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over
-    the old one. A crash at any moment leaves either the old checkpoint or the new one."""
+def write_atomically(path, write):
+    """Call write(f) on a temporary file next to path (binary), flush it to disk, then rename it
+    over path: a crash at any moment leaves either the old file or the new one. If anything goes
+    wrong on the way (a full disk, a second Ctrl-C), the temporary file is removed, and an
+    OSError names path (torch.save reports some failed writes as RuntimeError: those too)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror, path) from None
+        if isinstance(e, RuntimeError):
+            raise OSError(errno.EIO, f"the write failed ({str(e).strip().splitlines()[0][:120]})", path) from None
+        raise
 
+
+def explain_os_error(e):
+    """One line for a file-system failure: the path, what went wrong, and what to do. When the
+    path is in a run's folder that holds a checkpoint, that checkpoint is intact (they are
+    written atomically), and --resume continues from it."""
+    path = e.filename or "a file"
+    ckpt = os.path.join(os.path.dirname(path), "ckpt.pt")
+    then = (f", then run the same command with --resume (the last checkpoint, {ckpt}, is intact)"
+            if os.path.isfile(ckpt) else ", then run the same command again")
+    advice = {
+        errno.ENOSPC: "the disk is full: free some space" + then,
+        errno.EDQUOT: "over the disk quota: free some space" + then,
+        errno.EFBIG: "larger than the file size limit (ulimit -f): raise it" + then,
+        errno.EIO: "is the disk full, or a file size limit (ulimit -f) reached? free some space" + then,
+        errno.EACCES: "no permission to write there: use another folder",
+        errno.EPERM: "no permission to write there: use another folder",
+        errno.EROFS: "a read-only disk: use another folder",
+        errno.ENOTDIR: "a file stands where a folder should be: use another folder",
+        errno.EEXIST: "a file stands where a folder should be: use another folder",
+        errno.EISDIR: "a folder stands where a file should be: move it away",
+    }.get(e.errno, "check the disk and the folder" + then)
+    return f"{path}: cannot write it ({e.strerror}); {advice}"
+
+
+def save_checkpoint(path, obj):
+    """torch.save(obj) to path atomically (see write_atomically)."""
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read back with checks
 
 def save_training_state(path, model, optimizer, scaler, step, done, cfg, tokenizer):
     """The run's checkpoint, in one file: the plain (uncompiled, unwrapped) model's weights, the
@@ -214,6 +262,21 @@ def save_training_state(path, model, optimizer, scaler, step, done, cfg, tokeniz
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
 
+def looks_like(path):
+    """What a file that torch cannot load looks like, in a few words for an error message."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):  # checkpoints are zip archives
+        return "a zip archive that torch cannot read; it may be truncated"
+    if b"\0" in head:
+        return "not a file written by torch.save; it may be truncated"
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip()[:1] in (b"{", b"["):
+        return "it is JSON text, not a checkpoint (preference pairs go to --data)"
+    return "it is a text file, not a checkpoint"
+
+
 def load_checkpoint(path):
     """A checkpoint written by train.py, as a dict; DataError with one line if it is not one."""
     if not os.path.isfile(path):
@@ -221,8 +284,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
-                        f"it may be truncated") from None
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}): {looks_like(path)}") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "config"} <= ckpt.keys():
         raise DataError(f"{path}: not a checkpoint written by train.py")
     return ckpt
@@ -321,19 +383,30 @@ def check_resume(cfg, ckpt):
 
 def restore(cfg, ckpt_path, model, optimizer, scaler):
     """Load a --resume checkpoint into the run (weights, optimizer, GradScaler, random states);
-    return its step (0 when there is none yet)."""
+    return its step. check_config has refused a --resume with nothing to continue, except for a
+    preference run without --init: its SFT stage may be the one to continue, and then this
+    stage starts at step 0."""
     if not os.path.exists(ckpt_path):
         print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
         return 0
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except DataError as e:
+        raise DataError(f"--resume: {e}; drop --resume to start from step 0, or use another --out") from None
     check_resume(cfg, ckpt)
     load_weights(model, ckpt["model"], ckpt_path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-    print(f"resumed from {ckpt_path} at step {ckpt['step']}")
-    return ckpt["step"]
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        step = int(ckpt["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # another version's checkpoint
+        raise DataError(f"{ckpt_path}: cannot be resumed ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else 'incomplete'}); "
+                        f"drop --resume to start from step 0, or use another --out") from None
+    print(f"resumed from {ckpt_path} at step {step}")
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,25 +414,29 @@ def restore(cfg, ckpt_path, model, optimizer, scaler):
 
 def start_metrics(path, start_step):
     """Start <out>/metrics.jsonl: empty for a new run; on resume, the rows up to the checkpoint's
-    step are kept and later ones (which the run redoes) are dropped, as is a torn last line."""
+    step are kept and later ones (which the run redoes) are dropped, as is a line torn by a crash
+    while it was written. Rewritten atomically, so a crash now cannot lose the kept rows."""
     rows = []
     if start_step and os.path.exists(path):
-        with open(path) as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a row torn by a crash while it was written
-                if row.get("step", start_step + 1) <= start_step:
+                if isinstance(row, dict) and row.get("step", start_step + 1) <= start_step:
                     rows.append(line if line.endswith("\n") else line + "\n")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.writelines(rows)
+    write_atomically(path, lambda f: f.write("".join(rows).encode("utf-8")))
 
 
 def log_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """Append one row. A failed write (a full disk) is an OSError that names the file; the line
+    it may leave torn is dropped by start_metrics on --resume."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +473,13 @@ def print_summary(summary, loss, ref_eval_logps, n_pairs, n_problems):
 # ---------------------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM, and steps that went wrong
 
+def say(message):
+    """print from a signal handler: the handler may interrupt a print of the loop, and printing
+    again into the same buffer raises RuntimeError (reentrant call), which would end the run."""
+    with suppress(RuntimeError):
+        print(message, flush=True)
+
+
 class catch_signals:
     """Ctrl-C (SIGINT) and SIGTERM set a flag instead of killing the run: the loop finishes its
     step, checkpoints and calls exit(). A second signal stops at once, in one line (the last
@@ -420,10 +504,10 @@ class catch_signals:
     def handler(self, signum, frame):
         name = signal.Signals(signum).name
         if self.caught:
-            print(f"\n{name} again: stopped at once (the last checkpoint is intact)", flush=True)
-            raise SystemExit(128 + signum)
+            say(f"\n{name} again: stopped at once (the last checkpoint is intact)")
+            raise SystemExit(128 + signum)  # no traceback; a checkpoint being written is removed
         self.caught.append(signum)
-        print(f"\n{name}: saving a checkpoint after this step (send it again to stop at once)", flush=True)
+        say(f"\n{name}: saving a checkpoint after this step (send it again to stop at once)")
 
     @property
     def requested(self):

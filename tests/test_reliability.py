@@ -1,20 +1,28 @@
-"""Bad input, interruption and numerical faults: one-line errors, nothing lost."""
+"""Bad input, interruption, numerical faults, and what a run finds on disk (torn or stale files,
+a full or read-only disk, another run on the same folder): one-line errors, nothing lost."""
+import dataclasses
+import errno
+import glob
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 import train
 from conftest import ROOT, TINY_MODEL
-from data import DataError, load_preferences
-from extras import runtime
+from data import DataError, builtin_data, load_preferences, load_tokenizer, tokenize_pairs
+from extras import runtime, speedups
 from extras.runtime import load_checkpoint
-from train import main
+from model import GPT, GPTConfig
+from train import TrainConfig, main
+
+CPU = torch.device("cpu")
 
 
 def error_of(argv):
@@ -74,9 +82,18 @@ def test_bad_checkpoints(tmp_path, tiny_args, sft_ckpt):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(sft_ckpt, "rb").read()[:5000])
     assert "not a readable checkpoint" in error_of(tiny_args("x", "--init", str(truncated)))
+    assert "it may be truncated" in error_of(tiny_args("x", "--init", str(truncated)))
     text = tmp_path / "notes.pt"
     text.write_text("hello")
     assert "not a readable checkpoint" in error_of(tiny_args("x", "--init", str(text)))
+    assert "it is a text file, not a checkpoint" in error_of(tiny_args("x", "--init", str(text)))
+    pairs = tmp_path / "pairs.jsonl"  # --init given the data file: say what it is
+    pairs.write_text(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    message = error_of(tiny_args("x", "--init", str(pairs)))
+    assert "it is JSON text, not a checkpoint" in message and "UnpicklingError); it may be" not in message
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert "the file is empty" in error_of(tiny_args("x", "--init", str(empty)))
     other = tmp_path / "other.pt"
     torch.save({"weights": 1}, other)
     assert "not a checkpoint written by train.py" in error_of(tiny_args("x", "--init", str(other)))
@@ -163,6 +180,61 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+# ---------------------------------------------------------------------------------------------
+# What a run finds on disk: a torn metrics line, a corrupt cache
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path, tiny_args, sft_ckpt, small_pairs):
+    common = ("--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--batch-size", "4",
+              "--eval-every", "2")
+    main(tiny_args("run", *common, "--steps", "2"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 3, "loss": 0.69')  # a power cut while a row was written
+    main(tiny_args("run", *common, "--steps", "4", "--resume"))
+    rows = [json.loads(line) for line in open(metrics)]  # every line parses
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_that_cannot_be_resumed_says_what_to_do(tmp_path, tiny_args, sft_ckpt, small_pairs):
+    args = tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--batch-size", "4",
+                     "--steps", "2", "--eval-every", "2")
+    main(args)
+    ckpt_path = str(tmp_path / "run" / "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    del ckpt["optimizer"]  # another version's checkpoint
+    torch.save(ckpt, ckpt_path)
+    assert error_of(args + ["--resume"]) == (f"error: {ckpt_path}: cannot be resumed (KeyError: 'optimizer'); "
+                                             f"drop --resume to start from step 0, or use another --out")
+    with open(ckpt_path, "r+b") as f:
+        f.truncate(1000)
+    message = error_of(args + ["--resume"])
+    assert message.startswith(f"error: --resume: {ckpt_path}: not a readable checkpoint")
+    assert message.endswith("it may be truncated; drop --resume to start from step 0, or use another --out")
+
+
+def test_a_corrupt_reference_cache_is_computed_again(tmp_path, capsys):
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48)).eval()
+    enc = load_tokenizer("byte")
+    pairs = tokenize_pairs(builtin_data("arith")["train"][:8], enc, 48)[0]
+
+    def cached():
+        return speedups.reference_train_logps(
+            ref, pairs, str(tmp_path), lambda m, some: train.all_pair_logps(m, some, enc, nullcontext(), CPU))
+    first = cached()
+    [cache] = glob.glob(str(tmp_path / "ref_logps-*.pt"))
+    with open(cache, "r+b") as f:
+        f.truncate(100)  # torn
+    capsys.readouterr()
+    again = cached()
+    assert f"warning: {cache}: cannot use the cached reference log-probs" in capsys.readouterr().out
+    assert torch.equal(again, first)  # the same computation in the same process
+    assert torch.equal(cached(), first) and f"reference log-probs from {cache}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# The file system: folders that cannot be written, a full disk
+
 def test_folders_that_cannot_be_written_are_refused_before_any_work(tmp_path, tiny_args, sft_ckpt,
                                                                      monkeypatch):
     notes = tmp_path / "notes.txt"
@@ -184,6 +256,45 @@ def test_a_read_only_folder_is_refused(tmp_path, tiny_args, sft_ckpt):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert "cannot write in" in error_of(tiny_args("x", "--init", sft_ckpt, "--out", str(locked / "run")))
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), SystemExit(130)])
+def test_a_failed_checkpoint_write_keeps_the_last_one(tmp_path, tiny_args, sft_ckpt, small_pairs,
+                                                      monkeypatch, failure):
+    """The second checkpoint fails half-written: a full disk, or a second Ctrl-C. The first one
+    stays loadable, no temporary file is left, and --resume continues from it."""
+    args = tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "4",
+                     "--batch-size", "4", "--eval-every", "2")
+    real_save, calls = torch.save, []
+
+    def fail_the_second(obj, f):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise failure
+        real_save(obj, f)
+    monkeypatch.setattr(runtime.torch, "save", fail_the_second)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    if isinstance(failure, OSError):
+        assert error_of(args) == (f"error: {ckpt}: cannot write it (No space left on device); the disk is "
+                                  f"full: free some space, then run the same command with --resume (the "
+                                  f"last checkpoint, {ckpt}, is intact)")
+    else:
+        with pytest.raises(SystemExit):
+            main(args)
+    monkeypatch.undo()
+    assert load_checkpoint(str(ckpt))["step"] == 2
+    assert not glob.glob(str(tmp_path / "run" / "*.tmp"))
+    main(args + ["--resume"])
+    assert load_checkpoint(str(ckpt))["done"]
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "summary.json"])
+def test_a_file_that_cannot_be_written_is_one_line(tmp_path, tiny_args, sft_ckpt, small_pairs, name):
+    (tmp_path / "run" / name).mkdir(parents=True)  # a folder where the run writes a file
+    message = error_of(tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs,
+                                 "--steps", "2", "--batch-size", "4", "--eval-every", "2"))
+    assert message.startswith(f"error: {tmp_path / 'run' / name}: cannot write it (Is a directory); ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,3 +373,77 @@ def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, sft_ckpt, small_pairs
         assert code == -signal.SIGKILL
         steps.append(load_checkpoint(str(out / "ckpt.pt"))["step"])
     assert steps == sorted(steps) and steps[0] >= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: a full disk, a second Ctrl-C
+
+SLOWED = """import sys, time
+sys.path.insert(0, {root!r})
+import train
+train.STAGE_DEFAULTS["sft"] = dict(steps=40, batch_size=8, lr=1e-3)  # a short SFT stage
+step = train.optimizer_step
+def slowed(*args):
+    time.sleep({delay})
+    return step(*args)
+train.optimizer_step = slowed
+train.main(sys.argv[1:])
+"""
+
+
+def slowed_train(delay, *flags):
+    """The command line of train.py whose optimizer steps each take delay seconds more, so that
+    a test can act during a run, and whose SFT stage (the default reference) is 40 steps of 8."""
+    return [sys.executable, "-u", "-c", SLOWED.format(root=ROOT, delay=delay), *flags]
+
+
+def rows_in(path):
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def wait_for(condition, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def dpo_flags(out, sft_ckpt, small_pairs, *extra):
+    return [*TINY_MODEL, "--sft-target-acc", "0", "--log-every", "1", "--out", str(out), "--loss", "dpo",
+            "--init", sft_ckpt, "--data", small_pairs, "--batch-size", "4", *extra]
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line(tmp_path, sft_ckpt, small_pairs):
+    """ulimit -f 64: the kernel refuses to grow a file past 64 KiB, as a full disk would (Python
+    ignores the SIGXFSZ that comes with it); the first checkpoint is larger."""
+    out = tmp_path / "run"
+    flags = dpo_flags(out, sft_ckpt, small_pairs, "--steps", "4", "--eval-every", "2")
+    proc = subprocess.run(["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash", sys.executable, "train.py", *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"error: {out / 'ckpt.pt'}: cannot write it (") and "then run the same command" in line
+    assert not glob.glob(str(out / "*.tmp")) and not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, sft_ckpt, small_pairs):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(slowed_train(0.5, *dpo_flags(out, sft_ckpt, small_pairs, "--steps", "1000",
+                                                         "--eval-every", "1")),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (out / "ckpt.pt").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    output = ""
+    for line in proc.stdout:  # the first one is handled: the run will stop after this step
+        output += line
+        if line.startswith("SIGINT: saving a checkpoint"):
+            break
+    proc.send_signal(signal.SIGINT)  # while the step (0.5 s) still runs
+    output += proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "SIGINT again: stopped at once (the last checkpoint is intact)" in output
+    assert "Traceback" not in output and "stopped at step" not in output
+    assert load_checkpoint(str(out / "ckpt.pt"))["step"] >= 1 and not glob.glob(str(out / "*.tmp"))
