@@ -421,12 +421,15 @@ def ensure_sft_reference(cfg):
             "sft_target_acc", "max_bad_steps", "dropout") + MODEL_SHAPE
     sft_cfg = resolve(TrainConfig(loss="sft", **{k: getattr(cfg, k) for k in keep}))
     path = os.path.join(sft_cfg.out, "ckpt.pt")
-    sft_cfg.resume = os.path.exists(path)  # an SFT run that was interrupted continues
-    if sft_cfg.resume and runtime.load_checkpoint(path).get("done"):
-        print(f"reusing the SFT reference {path} (delete it to train a new one)")
-        return path
-    print(f"=== stage 1: SFT reference -> {path}")
-    train(sft_cfg)
+    # runtime.claim_reference: waits while another run trains this reference, stops (one line)
+    # if it was made with another recipe, and holds its folder while this run trains it
+    with runtime.claim_reference(sft_cfg, path, cfg) as finished:
+        if finished:
+            print(f"reusing the SFT reference {path} (delete it to train a new one)")
+            return path
+        sft_cfg.resume = os.path.exists(path)  # an SFT run that was interrupted continues
+        print(f"=== stage 1: SFT reference -> {path}")
+        train(sft_cfg)
     print(f"=== stage 2: {cfg.loss} from {path}")
     return path
 
@@ -435,9 +438,10 @@ def main(argv=None):
     try:
         cfg = resolve(parse_args(argv))
         runtime.setup_distributed()  # under torchrun: join the other processes
-        if cfg.loss != "sft" and not cfg.init:
-            cfg.init = ensure_sft_reference(cfg)  # stage 1
-        return train(cfg)  # stage 2 (or the only stage)
+        with runtime.FolderLock(cfg.out):  # a second run on this --out stops here, in one line
+            if cfg.loss != "sft" and not cfg.init:
+                cfg.init = ensure_sft_reference(cfg)  # stage 1
+            return train(cfg)  # stage 2 (or the only stage)
     except DataError as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a full disk, a folder that cannot be written: the path, what to do

@@ -1,15 +1,17 @@
 """What a real training run needs and a lesson does not: checkpoints written atomically and read
-back with checks, --init from a checkpoint or GPT-2 weights, --resume, Ctrl-C and SIGTERM,
-several processes under torchrun, and the metrics file. train.py calls these; each call there says in a comment what it
+back with checks, --init from a checkpoint or GPT-2 weights, --resume, the default SFT
+reference's reuse, a lock on each output folder, Ctrl-C and SIGTERM, several processes under
+torchrun, and the metrics file. train.py calls these; each call there says in a comment what it
 does, so a student never has to open this file to follow a step.
 
-Whatever a run finds on disk (a torn file, a full or read-only disk), it
+Whatever a run finds on disk (a torn file, another run's files, a full or read-only disk), it
 either carries on correctly or stops with one `error:` line that names the path and says what to
 do: never a traceback, never a silently wrong result.
 """
 import argparse
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -17,7 +19,9 @@ import random
 import re
 import signal
 import sys
-from contextlib import nullcontext, suppress
+import time
+from contextlib import contextmanager, nullcontext, suppress
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -27,6 +31,10 @@ from data import BUILTIN, DataError, load_tokenizer
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
 
+try:
+    import fcntl  # file locks; POSIX only
+except ImportError:  # Windows: no lock, so two runs on one folder go undetected there
+    fcntl = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +150,8 @@ def setup_distributed():
     if "RANK" not in os.environ or dist.is_initialized():
         return
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_backend() == "nccl":  # this process's GPU, before the first collective (any_rank)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if dist.get_rank() > 0:
         sys.stdout = open(os.devnull, "w")
 
@@ -247,18 +257,40 @@ def save_checkpoint(path, obj):
     write_atomically(path, lambda f: torch.save(obj, f))
 
 
+@lru_cache(maxsize=None)
+def _sha256(path, size, mtime_ns):  # size and mtime: an edited file is read again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def file_digests(cfg):
+    """{flag: digest} of the files a run reads its data, tokenizer and starting weights from, so
+    that an edited pairs.jsonl, or an SFT reference trained again, is noticed."""
+    digests = {}
+    for name in ("data", "eval_data", "tokenizer", "init"):
+        path = getattr(cfg, name)
+        if path not in ("", "byte", *BUILTIN) and os.path.isfile(path):  # built-in names come first
+            st = os.stat(path)
+            digests[name] = _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    return digests
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: written atomically, read back with checks
 
 def save_training_state(path, model, optimizer, scaler, step, done, cfg, tokenizer):
     """The run's checkpoint, in one file: the plain (uncompiled, unwrapped) model's weights, the
-    optimizer and GradScaler states, the step, whether the run is done, the config, and the
-    random states (so that --resume continues exactly)."""
+    optimizer and GradScaler states, the step, whether the run is done, the config, the number
+    of processes and the digests of the input files (its recipe, see recipe_differences), and
+    the random states (so that --resume continues exactly)."""
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "step": step, "done": done,
         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer, "processes": rank_and_world()[1], "files": file_digests(cfg),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
 
@@ -361,31 +393,128 @@ def model_from_init(init_ckpt, cfg, shape_defaults, enc):
 
 
 # ---------------------------------------------------------------------------------------------
-# --resume
+# One run per folder: a lock
 
-# A run may change these on --resume; any other difference from the checkpoint's config is refused.
+class FolderLock:
+    """<folder>/.lock, held with fcntl.flock while a run writes in folder, so that two runs never
+    write the same files. On a folder another run holds, it stops at once with one line, or,
+    with wait=True (the SFT reference, see claim_reference), says that it waits and goes on when
+    the other run is done. The file holds the holder's pid, for these messages.
+
+    The kernel drops the lock when its process ends, kill -9 included: there is never a stale
+    lock to delete. The file itself stays (deleting it would let a waiter lock a file that a
+    newcomer no longer sees). Opening it is the run's first write in the folder, so a folder
+    that cannot be written is found here, before any work. Under torchrun rank 0 holds it for
+    all the ranks, and every rank gets the same answer.
+
+        with FolderLock(cfg.out):
+            ...  # train, write checkpoints
+    """
+    def __init__(self, folder, wait=False):
+        self.folder, self.wait, self.file = folder, wait, None
+
+    def __enter__(self):
+        master = rank_and_world()[0] == 0
+        said = False
+        while True:
+            holder, error = self.try_lock() if master else (None, None)
+            if not any_rank(bool(holder or error)):
+                return self
+            if error or not self.wait:
+                raise (DataError(error or f"another run is using {self.folder} (pid {holder}); wait "
+                                          f"for it or use another --out") if master else SystemExit(1))
+            if not said:
+                print(f"waiting: another run (pid {holder}) is using {self.folder}; this run goes on "
+                      f"when it is done", flush=True)
+                said = True
+            time.sleep(1)
+
+    def try_lock(self):
+        """(None, None) once this process holds the lock; (the holder's pid, None) while another
+        process holds it; (None, a message) if the folder cannot be written."""
+        if fcntl is None:
+            return None, None
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            f = open(os.path.join(self.folder, ".lock"), "a+")  # a+: not emptied before it is ours
+        except OSError as e:
+            return None, explain_os_error(e)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return holder, None
+        except OSError as e:  # a file system without locks
+            f.close()
+            print(f"warning: {self.folder}: cannot lock it ({e.strerror}); two runs on it at once "
+                  f"would go unnoticed")
+            return None, None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+        except OSError as e:
+            f.close()
+            return None, explain_os_error(OSError(e.errno, e.strerror, f.name))
+        self.file = f
+        return None, None
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()  # and with it the lock
+            self.file = None
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's recipe; --resume; the default SFT reference
+
+def recipe_differences(cfg, ckpt, may_differ):
+    """How this run's config differs from the run that wrote ckpt, as a list of "name (old ->
+    new)", leaving out the fields in may_differ. Besides the config's fields: the global batch,
+    batch_size x grad_accum x processes (how it is split changes neither the data order nor the
+    mean gradient, so batch_size and grad_accum alone are not compared), and the contents of the
+    files the run reads (file_digests; a checkpoint from before they were recorded is taken at
+    its word)."""
+    old, new = ckpt["config"], dataclasses.asdict(cfg)
+    skip = set(may_differ) | {"batch_size", "grad_accum"}
+    differ = [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in new.items() if k not in skip and old.get(k) != v]
+
+    def global_batch(c, processes):  # (pairs, how they are split)
+        b, a = c.get("batch_size") or 0, c.get("grad_accum") or 0
+        return b * a * processes, f"{b * a * processes} = {b} x {a} x {processes} processes"
+    (old_batch, old_split), (new_batch, new_split) = (global_batch(old, ckpt.get("processes", 1)),
+                                                      global_batch(new, rank_and_world()[1]))
+    if old_batch != new_batch:
+        differ.append(f"global batch ({old_split} -> {new_split})")
+    if "files" in ckpt:
+        now = file_digests(cfg)
+        differ += [f"the contents of {new[k]}" for k in sorted(set(now) | set(ckpt["files"]))
+                   if old.get(k) == new[k] and ckpt["files"].get(k) != now.get(k)]
+    return differ
+
+
+# A run may change these on --resume; any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
                      "max_bad_steps", "out", "compile", "export_hf", "ref_logps", "full_logits",
                      "share_prompt"}
 
 
 def check_resume(cfg, ckpt):
-    """Refuse to resume with another configuration than the checkpoint's, except the fields in
+    """Refuse to resume with another recipe than the checkpoint's, except the fields in
     RESUME_MAY_CHANGE."""
-    old = ckpt["config"]
-    differ = [k for k, v in dataclasses.asdict(cfg).items()
-              if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+    differ = recipe_differences(cfg, ckpt, RESUME_MAY_CHANGE)
     if differ:
-        what = ", ".join(f"{k} ({old.get(k)!r} -> {getattr(cfg, k)!r})" for k in differ)
-        raise DataError(f"--resume: {cfg.out}/ckpt.pt was made with another configuration: {what}; "
-                        f"use the same flags or another --out")
+        raise DataError(f"--resume: {cfg.out}/ckpt.pt was made with another configuration: "
+                        f"{', '.join(differ)}; use the same flags or another --out")
 
 
 def restore(cfg, ckpt_path, model, optimizer, scaler):
     """Load a --resume checkpoint into the run (weights, optimizer, GradScaler, random states);
-    return its step. check_config has refused a --resume with nothing to continue, except for a
-    preference run without --init: its SFT stage may be the one to continue, and then this
-    stage starts at step 0."""
+    return its step. check_config and claim_reference have refused a --resume with nothing to
+    continue, except a preference run whose SFT reference was unfinished: it starts at step 0."""
     if not os.path.exists(ckpt_path):
         print(f"--resume: no checkpoint at {ckpt_path} yet; starting from step 0")
         return 0
@@ -407,6 +536,55 @@ def restore(cfg, ckpt_path, model, optimizer, scaler):
                         f"drop --resume to start from step 0, or use another --out") from None
     print(f"resumed from {ckpt_path} at step {step}")
     return step
+
+
+# The default SFT reference is reused if it was trained with the recipe this run would train it
+# with. These fields may differ: they say where and how a run is watched and kept, or compute
+# the same maths another way (compile; ref_logps, full_logits and share_prompt do not apply to
+# SFT). All others count, --device and --dtype too (another dtype, or a GPU's TF32 matmuls, train
+# another model), and --eval-every when SFT stops at a target accuracy, since it can only stop
+# at an evaluation. A mismatch stops the run rather than giving each recipe its own folder: the
+# reference keeps the one folder name the README and the messages give, and nothing the user
+# made is replaced or duplicated without being asked.
+REFERENCE_MAY_DIFFER = {"out", "resume", "export_hf", "log_every", "max_bad_steps", "compile",
+                        "ref_logps", "full_logits", "share_prompt"}
+
+
+@contextmanager
+def claim_reference(sft_cfg, ckpt_path, run_cfg):
+    """For a preference run (run_cfg) that starts from the default SFT reference at ckpt_path:
+    take the reference's folder lock, waiting while another run trains it (and saying so), and
+    yield whether the reference is finished, to be reused. If it is not, the caller trains or
+    continues it while the lock is held, so that a second run waits and then reuses it.
+
+    Stops with one line if the reference was made with another recipe than sft_cfg (what
+    differs, and what to do), cannot be read, lives in run_cfg.out itself, or if run_cfg asks to
+    --resume when there is nothing to continue: no checkpoint in its --out, and no unfinished
+    reference whose run would be the one to continue."""
+    folder = sft_cfg.out
+    if os.path.realpath(run_cfg.out) == os.path.realpath(folder):
+        raise DataError(f"--out {run_cfg.out} is the SFT reference's folder; give the {run_cfg.loss} "
+                        f"run another --out")
+    with FolderLock(folder, wait=True):
+        done = None  # no reference yet
+        if os.path.exists(ckpt_path):
+            try:
+                ckpt = load_checkpoint(ckpt_path)
+            except DataError as e:
+                raise DataError(f"{e}; delete {folder} to train the reference again") from None
+            may_differ = set(REFERENCE_MAY_DIFFER)
+            if not (sft_cfg.sft_target_acc or ckpt["config"].get("sft_target_acc")):
+                may_differ.add("eval_every")
+            differ = recipe_differences(sft_cfg, ckpt, may_differ)
+            if differ:
+                raise DataError(f"{ckpt_path} is an SFT reference made with another recipe: "
+                                f"{', '.join(differ)}; delete {folder} to train one with these flags, "
+                                f"pass --init {ckpt_path} to use it as it is, or use the flags it was "
+                                f"made with")
+            done = bool(ckpt.get("done"))
+        if run_cfg.resume and done is not False and not os.path.isfile(os.path.join(run_cfg.out, "ckpt.pt")):
+            raise DataError(nothing_to_resume(run_cfg.out))
+        yield done is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,11 +701,14 @@ class catch_signals:
         sys.exit(128 + signum)
 
 
-def any_rank(flag, device):
+def any_rank(flag, device=None):
     """Whether flag is true on any rank (one all-reduce under torchrun; flag itself otherwise),
-    so that every rank stops at the same step."""
+    so that every rank stops at the same step. device: where the process group reduces (default:
+    this process's GPU for nccl, the CPU for gloo)."""
     if not dist.is_initialized():
         return bool(flag)
+    if device is None:
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t)
     return t.item() > 0

@@ -181,7 +181,92 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------
-# What a run finds on disk: a torn metrics line, a corrupt cache
+# What a run finds on disk: a stale SFT reference, a torn metrics line, a corrupt cache
+
+def test_a_reference_made_with_another_recipe_is_refused(tmp_path, monkeypatch, small_pairs):
+    """A 2-step SFT run in the default reference folder of --data small_pairs, then a preference
+    run that would train its reference with the SFT defaults (600 steps of 64): it stops."""
+    monkeypatch.chdir(tmp_path)
+    main(["--loss", "sft", *TINY_MODEL, "--data", small_pairs, "--steps", "2", "--batch-size", "8",
+          "--sft-target-acc", "0"])
+    message = error_of(["--loss", "dpop", *TINY_MODEL, "--data", small_pairs, "--steps", "1",
+                        "--sft-target-acc", "0"])
+    path = os.path.join("out", "sft-pairs-seed1337", "ckpt.pt")
+    assert message == (f"error: {path} is an SFT reference made with another recipe: steps (2 -> 600), "
+                       f"global batch (8 = 8 x 1 x 1 processes -> 64 = 64 x 1 x 1 processes); delete "
+                       f"{os.path.dirname(path)} to train one with these flags, pass --init {path} to use "
+                       f"it as it is, or use the flags it was made with")
+
+
+def sft_config(tmp_path, **changes):
+    return train.resolve(TrainConfig(loss="sft", out=str(tmp_path / "sft"), **changes))
+
+
+def fake_reference(cfg, done=True):
+    """An SFT checkpoint as train.py writes it, for the recipe checks (they read no weights)."""
+    runtime.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), {
+        "model": {}, "model_config": {}, "config": dataclasses.asdict(cfg), "done": done,
+        "processes": 1, "files": runtime.file_digests(cfg)})
+
+
+def claimed(sft_cfg, run_cfg):
+    """What claim_reference says of the reference in sft_cfg.out: finished (reuse it) or not."""
+    with runtime.claim_reference(sft_cfg, os.path.join(sft_cfg.out, "ckpt.pt"), run_cfg) as finished:
+        return finished
+
+
+@pytest.mark.parametrize("made_with, now, differ", [
+    ({}, {}, None),
+    # how a run is watched and kept, not what it learns
+    ({}, {"log_every": 1, "max_bad_steps": 3, "compile": True, "export_hf": "hf"}, None),
+    ({}, {"batch_size": 32, "grad_accum": 2}, None),  # the same global batch, split in two
+    ({"sft_target_acc": 0.0}, {"sft_target_acc": 0.0, "eval_every": 7}, None),  # no stop at an eval
+    # the issue's case: a smoke run's reference, then the demo's shape
+    ({"n_layer": 1, "n_head": 2, "n_embd": 32}, {}, "n_layer (1 -> 4), n_head (2 -> 4), n_embd (32 -> 128)"),
+    ({}, {"eval_every": 7}, "eval_every (50 -> 7)"),  # SFT stops at its target accuracy: at an eval
+    ({}, {"dtype": "float32"}, "dtype ('auto' -> 'float32')"),
+    ({}, {"seed": 1}, "seed (1337 -> 1)"),
+    ({}, {"lr": 3e-3}, "lr (0.001 -> 0.003)"),
+    ({}, {"batch_size": 32}, "global batch (64 = 64 x 1 x 1 processes -> 32 = 32 x 1 x 1 processes)"),
+])
+def test_the_reference_is_reused_only_with_the_same_recipe(tmp_path, made_with, now, differ):
+    fake_reference(sft_config(tmp_path, **made_with))
+    run_cfg = TrainConfig(loss="dpop", out=str(tmp_path / "dpop"))
+    if differ is None:
+        assert claimed(sft_config(tmp_path, **now), run_cfg) is True
+    else:
+        with pytest.raises(DataError) as err:
+            claimed(sft_config(tmp_path, **now), run_cfg)
+        assert f"made with another recipe: {differ}; delete {tmp_path / 'sft'}" in str(err.value)
+
+
+def test_a_reference_trained_on_an_edited_file_is_refused(tmp_path, small_pairs):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(open(small_pairs).read())
+    fake_reference(sft_config(tmp_path, data=str(data)))
+    with open(data, "a") as f:  # one more pair: same path, another data set
+        f.write(json.dumps({"prompt": "1+1=", "chosen": "2", "rejected": "3"}) + "\n")
+    with pytest.raises(DataError, match=f"another recipe: the contents of {data};"):
+        claimed(sft_config(tmp_path, data=str(data)), TrainConfig(loss="dpo", out=str(tmp_path / "dpo")))
+
+
+def test_reference_claim_cases(tmp_path):
+    """An unfinished reference is continued, also with --resume (stage 2 has not started); a
+    finished one with --resume and no stage-2 checkpoint has nothing to continue; an unreadable
+    one, or one in the run's own --out, stops the run."""
+    sft_cfg = sft_config(tmp_path)
+    fake_reference(sft_cfg, done=False)
+    assert claimed(sft_cfg, TrainConfig(loss="dpop", out=str(tmp_path / "dpop"), resume=True)) is False
+    fake_reference(sft_cfg, done=True)
+    with pytest.raises(DataError, match="--resume: no checkpoint at .*dpop/ckpt.pt to continue"):
+        claimed(sft_cfg, TrainConfig(loss="dpop", out=str(tmp_path / "dpop"), resume=True))
+    with pytest.raises(DataError, match="is the SFT reference's folder; give the dpop run another --out"):
+        claimed(sft_cfg, TrainConfig(loss="dpop", out=sft_cfg.out))
+    with open(os.path.join(sft_cfg.out, "ckpt.pt"), "r+b") as f:
+        f.truncate(300)
+    with pytest.raises(DataError, match="it may be truncated; delete .*sft to train the reference again"):
+        claimed(sft_cfg, TrainConfig(loss="dpop", out=str(tmp_path / "dpop")))
+
 
 def test_resume_drops_a_torn_last_metrics_line(tmp_path, tiny_args, sft_ckpt, small_pairs):
     common = ("--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--batch-size", "4",
@@ -233,7 +318,7 @@ def test_a_corrupt_reference_cache_is_computed_again(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# The file system: folders that cannot be written, a full disk
+# The file system: folders that cannot be written, a full disk, a folder in use
 
 def test_folders_that_cannot_be_written_are_refused_before_any_work(tmp_path, tiny_args, sft_ckpt,
                                                                      monkeypatch):
@@ -295,6 +380,16 @@ def test_a_file_that_cannot_be_written_is_one_line(tmp_path, tiny_args, sft_ckpt
     message = error_of(tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs,
                                  "--steps", "2", "--batch-size", "4", "--eval-every", "2"))
     assert message.startswith(f"error: {tmp_path / 'run' / name}: cannot write it (Is a directory); ")
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once(tmp_path, tiny_args, sft_ckpt, small_pairs):
+    """The lock in this very process: flock locks of two open() calls exclude each other too."""
+    args = tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "1",
+                     "--batch-size", "4")
+    with runtime.FolderLock(str(tmp_path / "run")):
+        assert error_of(args) == (f"error: another run is using {tmp_path / 'run'} (pid {os.getpid()}); "
+                                  f"wait for it or use another --out")
+    main(args)  # free again
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +471,7 @@ def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, sft_ckpt, small_pairs
 
 
 # ---------------------------------------------------------------------------------------------
-# Real processes: a full disk, a second Ctrl-C
+# Real processes: two runs at once, a full disk, a second Ctrl-C, torchrun
 
 SLOWED = """import sys, time
 sys.path.insert(0, {root!r})
@@ -415,6 +510,50 @@ def dpo_flags(out, sft_ckpt, small_pairs, *extra):
 
 
 @pytest.mark.slow
+def test_a_second_run_on_the_same_out_stops_at_once(tmp_path, sft_ckpt, small_pairs):
+    out = tmp_path / "run"
+    flags = dpo_flags(out, sft_ckpt, small_pairs, "--steps", "1000", "--eval-every", "5")
+    first = subprocess.Popen(slowed_train(0.05, *flags), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: rows_in(out / "metrics.jsonl") >= 2, first)
+    second = subprocess.run([sys.executable, "train.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert first.poll() is None  # the second run did not disturb the first
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=60)[0]
+    assert second.returncode == 1 and second.stdout == ""
+    assert second.stderr == f"error: another run is using {out} (pid {first.pid}); wait for it or use another --out\n"
+    assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in output
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["step"] >= 2 and not ckpt["done"]
+
+
+@pytest.mark.slow
+def test_a_second_run_waits_for_the_sft_reference_then_reuses_it(tmp_path, small_pairs):
+    """--loss dpop and --loss dpo started together both want the default SFT reference: the
+    second waits while the first trains it, then reuses it."""
+    flags = [*TINY_MODEL, "--sft-target-acc", "0", "--log-every", "1", "--data", small_pairs,
+             "--steps", "2", "--batch-size", "4", "--eval-every", "2"]
+    sft = tmp_path / "out" / "sft-pairs-seed1337"
+    first = subprocess.Popen(slowed_train(0.25, "--loss", "dpop", *flags), cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: rows_in(sft / "metrics.jsonl") >= 1, first)  # 39 steps, 10 s, to go
+    second = subprocess.Popen(slowed_train(0, "--loss", "dpo", *flags), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first_out, second_out = first.communicate(timeout=300)[0], second.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, first_out[-2000:] + second_out[-2000:]
+    assert "=== stage 1: SFT reference" in first_out and "=== stage 1" not in second_out
+    folder = os.path.join("out", "sft-pairs-seed1337")
+    assert f"waiting: another run (pid {first.pid}) is using {folder}" in second_out
+    assert f"reusing the SFT reference {os.path.join(folder, 'ckpt.pt')}" in second_out
+    reference = load_checkpoint(str(sft / "ckpt.pt"))
+    assert reference["done"] and reference["step"] == 40
+    for loss in ("dpop", "dpo"):
+        ckpt = load_checkpoint(str(tmp_path / "out" / f"{loss}-pairs-seed1337" / "ckpt.pt"))
+        assert ckpt["done"] and ckpt["config"]["init"] == os.path.join(folder, "ckpt.pt")
+
+
+@pytest.mark.slow
 def test_a_full_disk_is_one_line(tmp_path, sft_ckpt, small_pairs):
     """ulimit -f 64: the kernel refuses to grow a file past 64 KiB, as a full disk would (Python
     ignores the SIGXFSZ that comes with it); the first checkpoint is larger."""
@@ -447,3 +586,52 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path, sft_ckpt, s
     assert "SIGINT again: stopped at once (the last checkpoint is intact)" in output
     assert "Traceback" not in output and "stopped at step" not in output
     assert load_checkpoint(str(out / "ckpt.pt"))["step"] >= 1 and not glob.glob(str(out / "*.tmp"))
+
+
+def torchrun(*flags):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "train.py", *flags]
+
+
+def worker_pids(torchrun_pid):
+    """{rank: pid} of the processes torchrun started (its children whose environment has RANK)."""
+    workers = {}
+    for task in os.listdir(f"/proc/{torchrun_pid}/task"):
+        for child in open(f"/proc/{torchrun_pid}/task/{task}/children").read().split():
+            env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+            workers.update({int(e[5:]): int(child) for e in env if e.startswith(b"RANK=")})
+    return workers
+
+
+@pytest.mark.slow
+def test_sigint_to_one_torchrun_rank_stops_both_and_resume_continues(tmp_path, sft_ckpt, small_pairs):
+    """SIGINT to rank 1 only: both ranks stop after the same step (rank 0 writes the one
+    checkpoint), and --resume under torchrun ends where a run never interrupted ends."""
+    common = [*TINY_MODEL, "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "200",
+              "--batch-size", "2", "--lr", "1e-3", "--eval-every", "100", "--log-every", "1",
+              "--sft-target-acc", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    subprocess.run(torchrun(*common, "--out", str(straight)), cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(torchrun(*common, "--out", str(stopped)), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: rows_in(stopped / "metrics.jsonl") >= 5, proc)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    ckpt = load_checkpoint(str(stopped / "ckpt.pt"))
+    step = ckpt["step"]
+    assert 5 <= step < 200 and not ckpt["done"], output[-3000:]
+    # rank 0 was not signalled itself: it stops because rank 1 was, and says so once
+    assert output.count("stopped at step") == 1 and f"stopped at step {step} by SIGTERM" in output
+    assert [r["step"] for r in comparable(stopped) if "loss" in r][-1] == step
+    assert "exitcode  : 130" in output and "exitcode  : 143" in output  # rank 1, rank 0
+
+    resumed = subprocess.run(torchrun(*common, "--out", str(stopped), "--resume"), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {stopped / 'ckpt.pt'} at step {step}" in resumed.stdout
+    a, b = load_checkpoint(str(straight / "ckpt.pt")), load_checkpoint(str(stopped / "ckpt.pt"))
+    assert b["done"] and b["step"] == 200
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the same sums, in the same order
+    assert comparable(straight) == comparable(stopped)
