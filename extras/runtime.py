@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
@@ -210,8 +211,10 @@ def write_atomically(path, write):
     """Call write(f) on a temporary file next to path (binary), flush it to disk, then rename it
     over path: a crash at any moment leaves either the old file or the new one. If anything goes
     wrong on the way (a full disk, a second Ctrl-C), the temporary file is removed, and an
-    OSError names path (torch.save reports some failed writes as RuntimeError: those too)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    OSError names path. torch.save's zip writer reports a short write as a RuntimeError
+    ("unexpected pos"): with less than 1 MiB left on the disk, that is a full disk."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
@@ -220,12 +223,18 @@ def write_atomically(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        full = False
+        if isinstance(e, RuntimeError):  # measured before the temporary file frees its space
+            with suppress(OSError):
+                full = shutil.disk_usage(folder).free < 1 << 20
         with suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError):
             raise OSError(e.errno, e.strerror, path) from None
         if isinstance(e, RuntimeError):
-            raise OSError(errno.EIO, f"the write failed ({str(e).strip().splitlines()[0][:120]})", path) from None
+            code = errno.ENOSPC if full else errno.EIO
+            why = os.strerror(code) if full else f"the write failed: {str(e).strip().splitlines()[0][:120]}"
+            raise OSError(code, why, path) from None
         raise
 
 

@@ -5,6 +5,8 @@ import errno
 import glob
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -554,9 +556,9 @@ def test_a_second_run_waits_for_the_sft_reference_then_reuses_it(tmp_path, small
 
 
 @pytest.mark.slow
-def test_a_full_disk_is_one_line(tmp_path, sft_ckpt, small_pairs):
-    """ulimit -f 64: the kernel refuses to grow a file past 64 KiB, as a full disk would (Python
-    ignores the SIGXFSZ that comes with it); the first checkpoint is larger."""
+def test_a_file_size_limit_is_one_line(tmp_path, sft_ckpt, small_pairs):
+    """ulimit -f 64: the kernel refuses to grow a file past 64 KiB (Python ignores the SIGXFSZ
+    that comes with it); the first checkpoint is larger. Needs no privileges, unlike a tmpfs."""
     out = tmp_path / "run"
     flags = dpo_flags(out, sft_ckpt, small_pairs, "--steps", "4", "--eval-every", "2")
     proc = subprocess.run(["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash", sys.executable, "train.py", *flags],
@@ -565,6 +567,36 @@ def test_a_full_disk_is_one_line(tmp_path, sft_ckpt, small_pairs):
     [line] = proc.stderr.splitlines()
     assert line.startswith(f"error: {out / 'ckpt.pt'}: cannot write it (") and "then run the same command" in line
     assert not glob.glob(str(out / "*.tmp")) and not (out / "ckpt.pt").exists()
+
+
+def can_mount():
+    return shutil.which("unshare") and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_mount(), reason="needs unshare -m (root) for a small tmpfs")
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, sft_ckpt, small_pairs):
+    """--out on a 480 KiB tmpfs (in a private mount namespace): the step-5 checkpoint (about
+    300 KiB) fits, the step-10 one does not. One line, the step-5 checkpoint stays loadable, no
+    temporary file is left; once the disk is larger, --resume finishes the run."""
+    disk, out = tmp_path / "disk", tmp_path / "disk" / "run"
+    disk.mkdir()
+    command = shlex.join([sys.executable, "train.py", *dpo_flags(out, sft_ckpt, small_pairs, "--steps", "20",
+                                                                 "--eval-every", "5")])
+    script = f"""mount -t tmpfs -o size=480k tmpfs {disk}
+{command} > /dev/null 2> {tmp_path}/stderr; echo $? > {tmp_path}/code
+ls -A {out} > {tmp_path}/files; cp {out}/ckpt.pt {tmp_path}/last.pt
+mount -o remount,size=4m {disk}
+{command} --resume > /dev/null && cp {out}/ckpt.pt {tmp_path}/final.pt"""
+    subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=ROOT, check=True, timeout=300)
+    assert (tmp_path / "code").read_text() == "1\n"
+    ckpt = out / "ckpt.pt"
+    assert (tmp_path / "stderr").read_text() == (
+        f"error: {ckpt}: cannot write it (No space left on device); the disk is full: free some space, "
+        f"then run the same command with --resume (the last checkpoint, {ckpt}, is intact)\n")
+    assert not any(name.endswith(".tmp") for name in (tmp_path / "files").read_text().split())
+    last, final = load_checkpoint(str(tmp_path / "last.pt")), load_checkpoint(str(tmp_path / "final.pt"))
+    assert last["step"] == 5 and not last["done"] and final["step"] == 20 and final["done"]
 
 
 @pytest.mark.slow
