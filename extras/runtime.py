@@ -258,7 +258,7 @@ def explain_os_error(e):
         errno.EEXIST: "a file stands where a folder should be: use another folder",
         errno.EISDIR: "a folder stands where a file should be: move it away",
     }.get(e.errno, "check the disk and the folder" + then)
-    return f"{path}: cannot write it ({e.strerror}); {advice}"
+    return f"{path}: cannot write it ({e.strerror or e}); {advice}"
 
 
 def save_checkpoint(path, obj):

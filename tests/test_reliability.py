@@ -5,6 +5,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -657,7 +658,9 @@ def test_sigint_to_one_torchrun_rank_stops_both_and_resume_continues(tmp_path, s
     # rank 0 was not signalled itself: it stops because rank 1 was, and says so once
     assert output.count("stopped at step") == 1 and f"stopped at step {step} by SIGTERM" in output
     assert [r["step"] for r in comparable(stopped) if "loss" in r][-1] == step
-    assert "exitcode  : 130" in output and "exitcode  : 143" in output  # rank 1, rank 0
+    # torchrun's report: rank 1 left with 130; rank 0 with 143, or torchrun's own SIGTERM (-15)
+    # when rank 1 left first (both were past the barrier that follows the checkpoint)
+    assert "exitcode  : 130" in output and re.search(r"exitcode  : (143|-15) ", output), output[-3000:]
 
     resumed = subprocess.run(torchrun(*common, "--out", str(stopped), "--resume"), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
