@@ -441,12 +441,15 @@ def load_preferences(path, quiet=False):
             raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
         if not line:
             continue
+        # a JSON array, or an object spread over several lines, is JSON but not JSON Lines
+        hint = ("; the format is JSON Lines: one object per line, no enclosing [ ]"
+                if line == "{" or line.startswith("[") else "")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected")
+            raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected{hint}")
         try:
             record = record_from_json(obj)
         except DataError as e:
@@ -456,6 +459,9 @@ def load_preferences(path, quiet=False):
         else:
             records.append(record)
             n_no_prompt += "prompt" not in obj and not record["prompt"]
+    if not records and n_identical:
+        raise DataError(f"{path}: no preference pairs in the file: all {n_identical} were skipped "
+                        f"because their chosen equals their rejected")
     if not records:
         raise DataError(f"{path}: no preference pairs in the file")
     if n_no_prompt and not quiet:

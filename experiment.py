@@ -100,7 +100,8 @@ def run(folder, flags):
         t0 = time.time()
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "train.log"), "a") as log, redirect_stdout(log):
-            train.main(flags + ["--out", folder, "--resume"])  # --resume: continue a broken run
+            resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+            train.main(flags + ["--out", folder, *resume])  # --resume: continue a broken run
         print(f"  {folder}: {time.time() - t0:.0f}s", flush=True)
     with open(summary_path) as f:
         return json.load(f)

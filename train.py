@@ -420,8 +420,8 @@ def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test
     summary = {"trained": trained}
     if cfg.init:
         summary["reference"] = {} if ref_test[0] is None else {"gen_accuracy": ref_test[0]}
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    runtime.write_atomically(os.path.join(cfg.out, "summary.json"),  # whole, or not at all
+                             lambda f: f.write(json.dumps(summary, indent=1).encode()))
     runtime.print_summary(summary, cfg.loss, ref_eval_logps, len(eval_pairs), len(problems))  # a table
     if ref_test[1] is not None:  # three test problems, each with both models' completions
         runtime.print_examples(problems[:3], {"reference": ref_test[1], "trained": texts},
@@ -445,12 +445,15 @@ def ensure_sft_reference(cfg):
     sft_cfg = resolve(TrainConfig(loss="sft", steps=steps, batch_size=batch_size, lr=cfg.sft_lr,
                                   **{k: getattr(cfg, k) for k in keep}))
     path = os.path.join(sft_cfg.out, "ckpt.pt")
-    sft_cfg.resume = os.path.exists(path)  # an SFT run that was interrupted continues
-    if sft_cfg.resume and runtime.load_checkpoint(path).get("done"):
-        print(f"reusing the SFT reference {path} (delete it to train a new one)")
-        return path
-    print(f"=== stage 1: SFT reference -> {path}")
-    train(sft_cfg)
+    # runtime.claim_reference: waits while another run trains this reference, stops (one line)
+    # if it was made with another recipe, and holds its folder while this run trains it
+    with runtime.claim_reference(sft_cfg, path, cfg) as finished:
+        if finished:
+            print(f"reusing the SFT reference {path} (delete it to train a new one)")
+            return path
+        sft_cfg.resume = os.path.exists(path)  # an SFT run that was interrupted continues
+        print(f"=== stage 1: SFT reference -> {path}")
+        train(sft_cfg)
     print(f"=== stage 2: {cfg.loss} from {path}")
     return path
 
@@ -459,11 +462,17 @@ def main(argv=None):
     try:
         cfg = resolve(parse_args(argv))
         runtime.setup_distributed()  # under torchrun: join the other processes
-        if cfg.loss != "sft" and not cfg.init:
-            cfg.init = ensure_sft_reference(cfg)  # stage 1
-        return train(cfg)  # stage 2 (or the only stage)
+        with runtime.FolderLock(cfg.out):  # a second run on this --out stops here, in one line
+            if cfg.loss != "sft" and not cfg.init:
+                cfg.init = ensure_sft_reference(cfg)  # stage 1
+            return train(cfg)  # stage 2 (or the only stage)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk, a folder that cannot be written: the path, what to do
+        sys.exit(f"error: {runtime.explain_os_error(e)}")
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (set-up, summary): one line, no traceback
+        print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     finally:
         runtime.close_distributed()
 
