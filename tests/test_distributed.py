@@ -42,7 +42,7 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
                           "--nproc_per_node=2", "train.py", *common, *per_rank, "--out", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    assert "global batch 8 pairs = batch size" in ddp.stdout and "x 2 processes" in ddp.stdout
+    assert "4 steps of 8 pairs (batch " in ddp.stdout and "x 2 processes)" in ddp.stdout
     one, two = (load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("one", "two"))
     assert two["step"] == 4 and two["done"]
     assert not any(k.startswith("module.") for k in two["model"])
