@@ -188,15 +188,16 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
 
 def test_a_reference_made_with_another_recipe_is_refused(tmp_path, monkeypatch, small_pairs):
     """A 2-step SFT run in the default reference folder of --data small_pairs, then a preference
-    run that would train its reference with the SFT defaults (600 steps of 64): it stops."""
+    run that would train its reference as the SFT stage fits these 61 training pairs (3 passes
+    in batches of 61: 3 steps): it stops."""
     monkeypatch.chdir(tmp_path)
     main(["--loss", "sft", *TINY_MODEL, "--data", small_pairs, "--steps", "2", "--batch-size", "8",
           "--sft-target-acc", "0"])
     message = error_of(["--loss", "dpop", *TINY_MODEL, "--data", small_pairs, "--steps", "1",
                         "--sft-target-acc", "0"])
     path = os.path.join("out", "sft-pairs-seed1337", "ckpt.pt")
-    assert message == (f"error: {path} is an SFT reference made with another recipe: steps (2 -> 600), "
-                       f"global batch (8 = 8 x 1 x 1 processes -> 64 = 64 x 1 x 1 processes); delete "
+    assert message == (f"error: {path} is an SFT reference made with another recipe: steps (2 -> 3), "
+                       f"global batch (8 = 8 x 1 x 1 processes -> 61 = 61 x 1 x 1 processes); delete "
                        f"{os.path.dirname(path)} to train one with these flags, pass --init {path} to use "
                        f"it as it is, or use the flags it was made with")
 
@@ -479,7 +480,6 @@ def test_kill_9_never_leaves_a_broken_checkpoint(tmp_path, sft_ckpt, small_pairs
 SLOWED = """import sys, time
 sys.path.insert(0, {root!r})
 import train
-train.STAGE_DEFAULTS["sft"] = dict(steps=40, batch_size=8, lr=1e-3)  # a short SFT stage
 step = train.optimizer_step
 def slowed(*args):
     time.sleep({delay})
@@ -491,7 +491,7 @@ train.main(sys.argv[1:])
 
 def slowed_train(delay, *flags):
     """The command line of train.py whose optimizer steps each take delay seconds more, so that
-    a test can act during a run, and whose SFT stage (the default reference) is 40 steps of 8."""
+    a test can act during a run."""
     return [sys.executable, "-u", "-c", SLOWED.format(root=ROOT, delay=delay), *flags]
 
 
@@ -536,7 +536,8 @@ def test_a_second_run_waits_for_the_sft_reference_then_reuses_it(tmp_path, small
     """--loss dpop and --loss dpo started together both want the default SFT reference: the
     second waits while the first trains it, then reuses it."""
     flags = [*TINY_MODEL, "--sft-target-acc", "0", "--log-every", "1", "--data", small_pairs,
-             "--steps", "2", "--batch-size", "4", "--eval-every", "2"]
+             "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--sft-steps", "40",
+             "--sft-batch-size", "8"]  # a short SFT stage, long enough for the second run to wait
     sft = tmp_path / "out" / "sft-pairs-seed1337"
     first = subprocess.Popen(slowed_train(0.25, "--loss", "dpop", *flags), cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
