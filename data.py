@@ -474,16 +474,21 @@ def load_preferences(path, quiet=False):
 # ---------------------------------------------------------------------------------------------
 # Putting it together: what a run trains and evaluates on
 
+def check_data_name(name, flag="--data"):
+    """DataError, in one line, unless name is a built-in data set or an existing file."""
+    if name not in BUILTIN and not os.path.isfile(name):
+        raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) nor an "
+                        f"existing file")
+
+
 def read_splits(name, flag="--data", quiet=False):
     """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs with a fixed
     5% (at most 256) held out for evaluation, and no test problems (no known answers). flag names
     the command-line flag in error messages; quiet: no warnings printed."""
+    check_data_name(name, flag)
     if name in BUILTIN:
         ds = builtin_data(name)
         return ds["train"], ds["eval"], ds["test"]
-    if not (name.endswith((".jsonl", ".json")) or os.path.exists(name)):
-        raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) "
-                        f"nor an existing .jsonl file")
     records, n_identical = load_preferences(name, quiet)
     if n_identical and not quiet:
         print(f"warning: skipped {n_identical} pairs of {name} whose chosen equals rejected")

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import BUILTIN, DataError, answer_of, load_tokenizer, read_splits
+from data import BUILTIN, DataError, answer_of, check_data_name, load_tokenizer, read_splits
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
 
@@ -110,9 +110,8 @@ def check_config(cfg):
         raise DataError(f"--dtype {cfg.dtype}: choose auto, float32, bfloat16 or float16")
     load_tokenizer(cfg.tokenizer)  # a name or file that is not a tokenizer: one line, now
     for flag, name in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if name and name not in BUILTIN and not os.path.isfile(name):
-            raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) nor an "
-                            f"existing file")
+        if name:
+            check_data_name(name, flag)
     check_writable(cfg.out, "--out")
     if cfg.export_hf:
         check_writable(cfg.export_hf, "--export-hf")
