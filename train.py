@@ -245,12 +245,12 @@ def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
     loss per completion token of the chosen completions and its perplexity, and greedy generation
     accuracy on held-out problems (when the data has known answers)."""
     metrics = {}
+    if eval_pairs and (cfg.loss == "sft" or ref_eval_logps is not None):
+        chosen, rejected = all_pair_logps(model, eval_pairs, enc, ctx, device)
     if eval_pairs and cfg.loss == "sft":
-        chosen, _ = all_pair_logps(model, eval_pairs, enc, ctx, device)
         metrics["chosen_nll"] = -chosen.sum().item() / sum(len(c) for _, c, _ in eval_pairs)
         metrics["chosen_ppl"] = math.exp(metrics["chosen_nll"])
     if eval_pairs and ref_eval_logps is not None:
-        chosen, rejected = all_pair_logps(model, eval_pairs, enc, ctx, device)
         loss_name = cfg.loss if cfg.loss != "sft" else "dpo"  # an SFT run still reports DPO's metrics
         losses, chosen_rewards, rejected_rewards = preference_loss(
             chosen, rejected, *ref_eval_logps, loss=loss_name, beta=cfg.beta, lam=cfg.lam,
