@@ -10,10 +10,14 @@ the corrected revision of July 2024). For a prompt x, chosen completion yw and r
 
     DPO   loss = -log sigmoid(beta * d)                               (Rafailov et al. 2023, eq. 7)
     DPOP  loss = -log sigmoid(beta * (d - lam * max(0, -c)))          (Pal et al. 2024)
+    RPO   loss = -log sigmoid(beta * d) - alpha * logp_policy(yw|x) / |yw|   (Pang et al. 2024)
 
 DPOP's penalty max(0, -c) is zero while the policy keeps the chosen completion at least as likely
 as the reference did, and it sits INSIDE the sigmoid, scaled by beta. (Earlier revisions of the
 paper circulated two other bracketings; this is the corrected one.) With lam = 0 DPOP is DPO.
+RPO is the other fix for a falling chosen log-prob, the one most trainers use now: DPO plus the
+chosen completion's negative log-likelihood per token (|yw| its number of tokens), an SFT term
+outside the sigmoid. With alpha = 0 RPO is DPO.
 
 Read it in order: the textbook path first (sequence_logps, preference_loss, preference_metrics),
 then the faster equivalents that train.py uses by default (completion_logps and its helpers): the
@@ -22,7 +26,7 @@ same sums without the logits that the loss throws away. Tests pin each fast one 
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("dpo", "dpop", "ipo", "hinge")
+LOSSES = ("dpo", "dpop", "rpo", "ipo", "hinge")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,7 +55,8 @@ def sequence_logps(logits, targets, mask):
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                    ref_rejected_logps, loss="dpop", beta=0.1, lam=50.0, label_smoothing=0.0):
+                    ref_rejected_logps, loss="dpop", beta=0.1, lam=50.0, label_smoothing=0.0,
+                    alpha=1.0, chosen_lengths=None):
     """Per-pair preference losses and the implicit rewards.
 
     Args:
@@ -61,11 +66,15 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
             "dpo":   -log sigmoid(beta*d). With label_smoothing eps > 0 it is conservative DPO
                      (Mitchell 2023): -(1-eps) log sigmoid(beta*d) - eps log sigmoid(-beta*d).
             "dpop":  -log sigmoid(beta*(d - lam*max(0, -c))), Smaug's DPOP; lam = 0 gives DPO.
+            "rpo":   -log sigmoid(beta*d) + alpha * chosen_nll(policy_chosen_logps,
+                     chosen_lengths), Pang et al.'s DPO + NLL; alpha = 0 gives DPO.
             "ipo":   (d - 1/(2*beta))**2, Azar et al. 2023 (log-probs summed, like the others).
             "hinge": max(0, 1 - beta*d), the SLiC-style hinge.
         beta: the inverse temperature; how far from the reference the policy may move.
         lam: DPOP's penalty weight. The paper uses 50 and found results insensitive in [5, 500].
         label_smoothing: probability that a label is flipped; only "dpo" accepts it.
+        alpha: RPO's weight on the NLL term (Pang et al. use 1).
+        chosen_lengths: (B,) the number of tokens of each chosen completion; "rpo" needs it.
 
     Returns:
         losses: (B,) per-pair loss, differentiable w.r.t. the policy log-probs.
@@ -76,6 +85,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
     if label_smoothing and loss != "dpo":
         raise ValueError(f"label_smoothing applies to loss 'dpo' only, not {loss!r}")
+    if loss == "rpo" and chosen_lengths is None:
+        raise ValueError("loss 'rpo' needs chosen_lengths, the chosen completions' token counts")
     chosen_logratios = policy_chosen_logps - ref_chosen_logps        # c
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # r
     margins = chosen_logratios - rejected_logratios                  # d
@@ -90,6 +101,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         penalty = torch.relu(-chosen_logratios)
         losses = -F.logsigmoid(beta * (margins - lam * penalty))
         # exercise 3 ends
+    elif loss == "rpo":
+        losses = -F.logsigmoid(beta * margins) + alpha * chosen_nll(policy_chosen_logps, chosen_lengths)
     elif loss == "ipo":
         losses = (margins - 1 / (2 * beta)) ** 2
     else:  # hinge
@@ -98,6 +111,12 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def chosen_nll(policy_chosen_logps, chosen_lengths):
+    """RPO's SFT term: the chosen completion's negative log-likelihood per token, (B,). A mean
+    over its tokens, not a sum, so that its scale does not grow with the completion's length."""
+    return -policy_chosen_logps / chosen_lengths
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,

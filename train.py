@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from data import DataError, answer_of, batch_indices, collate, load_data, load_tokenizer
-from dpop import LOSSES, completion_logps, preference_loss, preference_metrics, sequence_logps
+from dpop import LOSSES, chosen_nll, completion_logps, preference_loss, preference_metrics, sequence_logps
 from extras import runtime, speedups
 from extras.hf_gpt2 import save_hf_gpt2
 from model import GPT, GPTConfig
@@ -40,68 +40,82 @@ from model import GPT, GPTConfig
 # ---------------------------------------------------------------------------------------------
 # Every knob, with its default and its --help text; flags are generated from it (--batch-size).
 
-def knob(default, help):
-    return dataclasses.field(default=default, metadata={"help": help})
+def knob(default, help, group=None):
+    """A field with its --help text; a group title starts a new group of flags in --help."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"group": group} if group else {})})
+
+
+# a flag left unset (None) takes its stage's default: SFT, or a preference loss
+STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
+                  "preference": dict(steps=300, batch_size=32, lr=2e-4)}
+
+
+def stage_default(name):
+    values = (STAGE_DEFAULTS[stage][name] for stage in ("sft", "preference"))
+    return "sft {}, a preference loss {}".format(*(f"{v:.0e}".replace("e-0", "e-") if isinstance(v, float)
+                                                   else v for v in values))
 
 
 @dataclass
 class TrainConfig:
-    # what to train, on what, from what; where the results go
-    loss: str = knob("dpop", "sft, or a preference loss: dpo, dpop, ipo, hinge")
+    loss: str = knob("dpop", "sft, or a preference loss: dpo, dpop, rpo, ipo, hinge",
+                     group="what to train, on what, from what; where the results go")
     data: str = knob("arith", "arith (built-in), arith-hed (its high-edit-distance control) or a .jsonl file")
     eval_data: str = knob("", "evaluate on this data's held-out set instead; all of --data trains")
     tokenizer: str = knob("byte", "byte (built-in), a tiktoken name (gpt2, ...) or a .tiktoken file")
-    init: str = knob("", "checkpoint or GPT-2 weights to start from (default: random, or the SFT reference)")
-    out: str = knob("", "output folder; empty: out/<loss>-<data>-seed<seed>")
+    init: str = knob("", "checkpoint or GPT-2 weights to start from (default: random weights for "
+                         "--loss sft; for a preference loss, the SFT reference, trained first or reused)")
+    out: str = knob("", "output folder (default: out/<loss>-<data>-seed<seed>)")
     resume: bool = knob(False, "continue from <out>/ckpt.pt")
-    export_hf: str = knob("", "after training, also write a Hugging Face GPT-2 checkpoint here")
-    # optimisation; None: the stage's default (sft: 600 / 64 / 1e-3, preference: 300 / 32 / 2e-4)
-    steps: int = knob(None, "optimizer steps (default: the stage's)")
-    batch_size: int = knob(None, "pairs (or SFT examples) per micro-batch (default: the stage's)")
+    export_hf: str = knob("", "after training, also write a Hugging Face GPT-2 checkpoint to this folder")
+    steps: int = knob(None, f"optimizer steps (default: {stage_default('steps')})",
+                      group="optimisation (AdamW; linear warm-up, then cosine decay)")
+    batch_size: int = knob(None, f"pairs (or SFT examples) per micro-batch (default: {stage_default('batch_size')})")
     grad_accum: int = knob(1, "micro-batches per optimizer step")
-    lr: float = knob(None, "peak learning rate (default: the stage's)")
-    warmup: float = knob(0.1, "fraction of the steps spent warming the LR up; then cosine decay")
+    lr: float = knob(None, f"peak learning rate (default: {stage_default('lr')})")
+    warmup: float = knob(0.1, "fraction of the steps spent warming the LR up")
     min_lr_ratio: float = knob(0.1, "the LR decays to lr * min_lr_ratio")
     weight_decay: float = knob(0.1, "AdamW decay, on matrices and embeddings only")
     grad_clip: float = knob(1.0, "clip the global grad norm to this (0: no clipping)")
     max_bad_steps: int = knob(10, "stop after this many non-finite steps in a row (each is skipped)")
-    # the preference loss
-    beta: float = knob(0.1, "inverse temperature: a larger beta keeps the policy closer to the reference")
+    beta: float = knob(0.1, "inverse temperature: a larger beta keeps the policy closer to the reference",
+                       group="the preference loss")
     lam: float = knob(50.0, "DPOP's penalty weight (the paper's value)")
+    rpo_alpha: float = knob(1.0, "RPO's weight on the chosen completion's NLL per token (Pang et al.'s value)")
     label_smoothing: float = knob(0.0, "conservative DPO: assumed fraction of flipped labels")
     ref_logps: str = knob("auto", "the reference's log-probs: precompute (once, cached in --out), "
                                   "every-step, or auto (precompute if each pair is read once or more)")
-    full_logits: bool = knob(False, "logits at every position, not only the completions' (slower)")
+    full_logits: bool = knob(False, "logits at every position, not only the completions' (slower, same maths)")
     share_prompt: bool = knob(False, "one packed row per pair, so each prompt is read once (same maths)")
-    # the SFT reference that a preference run without --init trains first (--loss sft reads --steps...)
-    sft_steps: int = knob(None, "its steps (default: 3 passes over the data, at most 600)")
+    sft_steps: int = knob(None, "its steps (default: 3 passes over the data, at most 600)",
+                          group="the SFT reference that a preference run without --init trains first "
+                                "(--loss sft reads --steps, --batch-size and --lr instead)")
     sft_batch_size: int = knob(None, "its batch (default: 64, or fewer when the data has fewer pairs)")
     sft_lr: float = knob(None, "its peak learning rate (default: 1e-3)")
     sft_target_acc: float = knob(0.5, "SFT from random weights stops at this held-out accuracy (0: never)")
-    # the model, when it starts from random weights (otherwise the --init checkpoint's shape)
-    n_layer: int = knob(4, "transformer blocks")
+    n_layer: int = knob(4, "transformer blocks",
+                        group="the model, when it starts from random weights (else the --init checkpoint's shape)")
     n_head: int = knob(4, "attention heads")
     n_embd: int = knob(128, "width")
     block_size: int = knob(64, "context length in tokens")
     dropout: float = knob(0.0, "dropout probability")
-    # evaluation, logging, machine
-    eval_every: int = knob(50, "evaluate and checkpoint every this many steps (and at the end)")
+    eval_every: int = knob(50, "evaluate and checkpoint every this many steps (and at the end)",
+                           group="evaluation, logging, machine")
     log_every: int = knob(10, "print and record a metrics row every this many steps")
     seed: int = knob(1337, "seed of the weights' init and of the data order")
     device: str = knob("auto", "auto (cuda, then mps, then cpu), cuda, cuda:N, mps or cpu")
     compile: bool = knob(False, "torch.compile the policy for training (pays off on a GPU)")
-    dtype: str = knob("auto", "auto (bfloat16 on CUDA if supported, else float16; float32 elsewhere), "
-                              "float32, bfloat16 or float16 (with a GradScaler)")
+    dtype: str = knob("auto", "float32, bfloat16, float16 (with a GradScaler), or auto: bfloat16 "
+                              "on CUDA if supported, else float16; float32 elsewhere")
 
 
-STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
-                  "preference": dict(steps=300, batch_size=32, lr=2e-4)}
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
 
 
 def parse_args(argv=None):
     # flags generated from TrainConfig; a bad flag is one "error:" line (extras/runtime.py)
-    return runtime.parse_config(TrainConfig, argv, __doc__.split("\n")[0], {"loss": ("sft",) + LOSSES})
+    usage = __doc__.split("\n\nWithout")[0]  # the first line and the examples
+    return runtime.parse_config(TrainConfig, argv, usage, {"loss": ("sft",) + LOSSES})
 
 
 def resolve(cfg):
@@ -197,6 +211,28 @@ def sft_loss(model, batch):
     return F.cross_entropy(logits.float(), targets[mask])
 
 
+def chosen_lengths(batch):
+    """The number of tokens of each chosen completion in a collated batch, (B,) (RPO's NLL is
+    per token)."""
+    if isinstance(batch, speedups.PackedBatch):  # seq: 0..B-1 chosen, then B..2B-1 rejected
+        return torch.bincount(batch.seq, minlength=2 * len(batch.idx))[:len(batch.idx)]
+    return batch.mask.sum(-1).chunk(2)[0]
+
+
+def loss_and_metrics(policy_logps, ref_logps, lengths, cfg):
+    """The mean preference loss and the standard metrics, for any loss; under RPO also its two
+    parts, loss/dpo and loss/nll, logged apart."""
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        *policy_logps, *ref_logps, loss=cfg.loss if cfg.loss != "sft" else "dpo", beta=cfg.beta,
+        lam=cfg.lam, label_smoothing=cfg.label_smoothing, alpha=cfg.rpo_alpha, chosen_lengths=lengths)
+    loss = losses.mean()
+    metrics = {"loss": loss.item(), **preference_metrics(chosen_rewards, rejected_rewards, *policy_logps, cfg.beta)}
+    if cfg.loss == "rpo":
+        metrics["loss/dpo"] = -F.logsigmoid(chosen_rewards - rejected_rewards).mean().item()  # beta*d
+        metrics["loss/nll"] = chosen_nll(policy_logps[0], lengths).mean().item()
+    return loss, metrics
+
+
 def batch_loss(model, ref, batch, cfg, ref_logps=None):
     """The mean loss of one micro-batch, and its metrics (a dict of floats). ref_logps: the
     reference's (chosen, rejected) log-probs when they were precomputed; else the reference runs."""
@@ -207,13 +243,8 @@ def batch_loss(model, ref, batch, cfg, ref_logps=None):
     if ref_logps is None:
         with torch.no_grad():
             ref_logps = pair_logps(ref, batch, cfg.full_logits)
-    ref_chosen_logps, ref_rejected_logps = ref_logps
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        loss=cfg.loss, beta=cfg.beta, lam=cfg.lam, label_smoothing=cfg.label_smoothing)
-    loss = losses.mean()
-    return loss, {"loss": loss.item(), **preference_metrics(
-        chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps, cfg.beta)}
+    lengths = chosen_lengths(batch) if cfg.loss == "rpo" else None
+    return loss_and_metrics((policy_chosen_logps, policy_rejected_logps), ref_logps, lengths, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,12 +282,9 @@ def evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems)
         metrics["chosen_nll"] = -chosen.sum().item() / sum(len(c) for _, c, _ in eval_pairs)
         metrics["chosen_ppl"] = math.exp(metrics["chosen_nll"])
     if eval_pairs and ref_eval_logps is not None:
-        loss_name = cfg.loss if cfg.loss != "sft" else "dpo"  # an SFT run still reports DPO's metrics
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            chosen, rejected, *ref_eval_logps, loss=loss_name, beta=cfg.beta, lam=cfg.lam,
-            label_smoothing=cfg.label_smoothing)
-        metrics["loss"] = losses.mean().item()
-        metrics.update(preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected, cfg.beta))
+        lengths = torch.tensor([len(c) for _, c, _ in eval_pairs])
+        # an SFT run reports DPO's loss and metrics
+        metrics.update(loss_and_metrics((chosen, rejected), ref_eval_logps, lengths, cfg)[1])
     if problems:
         metrics["gen_accuracy"], _ = generation_accuracy(model, enc, problems, ctx, device)
     model.train()

@@ -46,18 +46,32 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(f"error: {message} (see python train.py --help)")
 
 
-def parse_config(config_class, argv, description, choices):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help that keeps the description's lines as written and shows a flag's default where it
+    says something: not for a switch, an unset value (None or "") or a help text that already
+    names its default."""
+    def _get_help_string(self, action):
+        shown = not (action.default is None or action.default is False or action.default == ""
+                     or action.default == argparse.SUPPRESS)
+        return action.help + (" (default: %(default)s)" if shown and "default" not in action.help else "")
+
+
+def parse_config(config_class, argv, description, choices, epilog=None):
     """An instance of config_class (a dataclass whose fields carry their --help text in
     metadata["help"]) from the command line: --batch-size for batch_size; a bool field is a
-    switch; choices: {field: allowed values}."""
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    switch; choices: {field: allowed values}. A field whose metadata has a "group" starts a new
+    group of flags in --help, under that title."""
+    p = ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+    group = p
     for f in dataclasses.fields(config_class):
+        if "group" in f.metadata:
+            group = p.add_argument_group(f.metadata["group"])
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            group.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=f.type, default=f.default, choices=choices.get(f.name),
-                           help=f.metadata["help"])
+            group.add_argument(flag, type=f.type, default=f.default, choices=choices.get(f.name),
+                               help=f.metadata["help"])
     return config_class(**vars(p.parse_args(argv)))
 
 
@@ -81,7 +95,7 @@ def check_config(cfg):
                  "max_bad_steps", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) <= 0:
             refuse(name, "positive")
-    for name in ("lam", "grad_clip", "weight_decay"):  # --grad-clip 0: no clipping
+    for name in ("lam", "rpo_alpha", "grad_clip", "weight_decay"):  # --grad-clip 0: no clipping
         if getattr(cfg, name) < 0:
             refuse(name, "zero or positive")
     for name in ("warmup", "min_lr_ratio", "sft_target_acc"):  # fractions
@@ -486,7 +500,9 @@ def recipe_differences(cfg, ckpt, may_differ):
     mean gradient, so batch_size and grad_accum alone are not compared), and the contents of the
     files the run reads (file_digests; a checkpoint from before they were recorded is taken at
     its word)."""
-    old, new = ckpt["config"], dataclasses.asdict(cfg)
+    # a knob newer than the checkpoint counts as set to its default there
+    old = {**{f.name: f.default for f in dataclasses.fields(cfg)}, **ckpt["config"]}
+    new = dataclasses.asdict(cfg)
     skip = set(may_differ) | {"batch_size", "grad_accum"}
     differ = [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in new.items() if k not in skip and old.get(k) != v]
 
@@ -643,7 +659,7 @@ def print_config(cfg, model, device, dtype, world):
     print(f"model: {c.n_layer} blocks x {c.n_head} heads, width {c.n_embd}, context {c.block_size}, "
           f"vocabulary {c.vocab_size}: {model.num_params() / 1e6:.2f}M parameters, {start}")
     recipe = f"loss {cfg.loss}" + ("" if cfg.loss == "sft" else f", beta {cfg.beta}") + \
-        (f", lam {cfg.lam}" if cfg.loss == "dpop" else "")
+        (f", lam {cfg.lam}" if cfg.loss == "dpop" else "") + (f", alpha {cfg.rpo_alpha}" if cfg.loss == "rpo" else "")
     print(f"training: {recipe}; {cfg.steps} steps of {cfg.batch_size * cfg.grad_accum * world} pairs "
           f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
           f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")
@@ -657,6 +673,8 @@ def format_row(row, loss):
         line += (f" | margin {row['rewards/margins']:+.3f} | acc {row['rewards/accuracies']:.2f}"
                  f" | dchosen {row['logratio/chosen']:+.2f} | drejected {row['logratio/rejected']:+.2f}"
                  f" | chosen<ref {row['penalty/active']:.2f}")
+    if "loss/nll" in row:  # RPO: its NLL term
+        line += f" | nll {row['loss/nll']:.3f}"
     return line + (f" | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.1e}"
                    f" | {row['tokens_per_s']:.0f} tok/s")
 

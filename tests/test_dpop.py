@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dpop import LOSSES, preference_loss, preference_metrics, sequence_logps
+from dpop import LOSSES, chosen_nll, preference_loss, preference_metrics, sequence_logps
 
 
 def naive_sequence_logps(logits, targets, mask):
@@ -68,16 +68,19 @@ def four_logps(seed=0, B=16):
 def test_policy_equal_to_reference(loss):
     chosen, rejected = torch.tensor([-12.0, -3.0]), torch.tensor([-15.0, -2.0])
     pc, pr = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
-    beta = 0.1
-    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, chosen, rejected, loss=loss,
-                                                               beta=beta, lam=50.0)
+    beta, alpha, lengths = 0.1, 0.5, torch.tensor([4, 3])  # chosen completions of 4 and 3 tokens
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        pc, pr, chosen, rejected, loss=loss, beta=beta, lam=50.0, alpha=alpha, chosen_lengths=lengths)
     expected = {"dpo": math.log(2), "dpop": math.log(2), "hinge": 1.0,  # SLiC: max(0, 1 - 0)
-                "ipo": (1 / (2 * beta)) ** 2}[loss]
-    torch.testing.assert_close(losses, torch.full((2,), expected))
+                "ipo": (1 / (2 * beta)) ** 2,
+                # RPO: DPO's ln 2 plus alpha times the NLL per token, 12/4 and 3/3 nats
+                "rpo": torch.tensor([math.log(2) + alpha * 3.0, math.log(2) + alpha * 1.0])}[loss]
+    torch.testing.assert_close(losses, torch.full((2,), expected) if loss != "rpo" else expected)
     assert torch.equal(chosen_rewards, torch.zeros(2)) and torch.equal(rejected_rewards, torch.zeros(2))
-    if loss in ("dpo", "dpop"):  # d loss / d c = -beta / 2 at the reference
+    if loss in ("dpo", "dpop", "rpo"):  # d loss / d c = -beta / 2 at the reference
         losses.sum().backward()
-        torch.testing.assert_close(pc.grad, torch.full((2,), -beta / 2))
+        nll_grad = -alpha / lengths if loss == "rpo" else torch.zeros(2)  # RPO: minus alpha / |yw|
+        torch.testing.assert_close(pc.grad, torch.full((2,), -beta / 2) + nll_grad)
         torch.testing.assert_close(pr.grad, torch.full((2,), beta / 2))
 
 
@@ -113,6 +116,34 @@ def test_dpop_with_lam_zero_is_dpo():
     dpo, dpo_c, dpo_r = preference_loss(*logps, loss="dpo", beta=0.3)
     dpop, dpop_c, dpop_r = preference_loss(*logps, loss="dpop", beta=0.3, lam=0.0)
     assert torch.equal(dpo, dpop) and torch.equal(dpo_c, dpop_c) and torch.equal(dpo_r, dpop_r)
+
+
+def test_rpo_with_alpha_zero_is_dpo():
+    logps, lengths = four_logps(), torch.arange(1, 17)
+    dpo = preference_loss(*logps, loss="dpo", beta=0.3)
+    rpo = preference_loss(*logps, loss="rpo", beta=0.3, alpha=0.0, chosen_lengths=lengths)
+    assert all(torch.equal(a, b) for a, b in zip(dpo, rpo))
+
+
+def test_rpo_closed_form_and_its_gradient_on_each_chosen_token():
+    """Off the reference: c = 2, r = -3, so d = 5 and DPO's part is -log sigmoid(0.5); the chosen
+    completion has 4 tokens summing to -8, so the NLL part is alpha * 8 / 4. The gradient on each
+    chosen token's log-prob is DPO's -beta * sigmoid(-beta d), the same for every token, plus
+    -alpha / 4 from the NLL; padding gets none."""
+    beta, alpha = 0.1, 0.5
+    tokens = torch.tensor([[-1.0, -2.0, -3.0, -2.0, 0.0]], requires_grad=True)  # the last is padding
+    mask = torch.tensor([[True, True, True, True, False]])
+    policy_chosen = torch.where(mask, tokens, torch.zeros_like(tokens)).sum(-1)  # -8
+    losses, _, _ = preference_loss(policy_chosen, torch.tensor([-13.0]), torch.tensor([-10.0]),
+                                   torch.tensor([-10.0]), loss="rpo", beta=beta, alpha=alpha,
+                                   chosen_lengths=mask.sum(-1))
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    assert losses.item() == pytest.approx(-math.log(sig(0.5)) + alpha * 8 / 4, abs=1e-6)
+    losses.sum().backward()
+    per_token = -beta * sig(-0.5) - alpha / 4
+    torch.testing.assert_close(tokens.grad, torch.tensor([[per_token] * 4 + [0.0]]))
+    assert per_token < 0  # gradient descent raises every chosen token's log-prob
+    torch.testing.assert_close(chosen_nll(policy_chosen, mask.sum(-1)), torch.tensor([2.0]))
 
 
 def test_dpop_penalty_zero_at_or_above_reference_positive_below():
@@ -160,6 +191,8 @@ def test_bad_loss_arguments():
         preference_loss(*logps, loss="kto")
     with pytest.raises(ValueError, match="label_smoothing"):
         preference_loss(*logps, loss="dpop", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        preference_loss(*logps, loss="rpo")
 
 
 def test_preference_metrics():

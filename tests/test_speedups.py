@@ -14,7 +14,7 @@ from dpop import completion_logps, sequence_logps
 from extras import speedups
 from extras.speedups import collate_shared, manual_attention, sparse_embedding_grad
 from model import GPT, GPTConfig
-from train import TrainConfig, frozen_copy, pair_logps, sft_loss
+from train import TrainConfig, chosen_lengths, frozen_copy, pair_logps, sft_loss
 
 CPU = torch.device("cpu")
 
@@ -96,12 +96,22 @@ def test_completion_only_logits_equal_full_logits():
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-6)  # sums of ~40 logps near -5.5
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpop", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo", "sft"])
 def test_completion_only_head_gives_the_same_gradients(loss):
     """The same loss to 1e-5, and each gradient tensor to 5e-5 of its largest entry: an untrained
     model's summed log-probs are near -220, where float32 resolves 1.5e-5, and DPOP's lam = 50
     magnifies that (its gradients reach 50 here)."""
     assert_same_step(one_step(loss, full_logits=True), one_step(loss, full_logits=False))
+
+
+def test_chosen_lengths_of_both_batch_layouts():
+    """RPO's per-token NLL divides by these: the chosen completions' token counts, end-of-text
+    included, whichever way the batch was collated."""
+    _, enc, pairs = setup()
+    pairs = pairs[:4] + mixed_pairs(enc)
+    expected = torch.tensor([len(c) for _, c, _ in pairs])
+    assert torch.equal(chosen_lengths(collate(pairs, enc.eot_token)), expected)
+    assert torch.equal(chosen_lengths(collate_shared(pairs, enc.eot_token)), expected)
 
 
 def test_shared_prompt_rows_give_the_same_logps():
@@ -114,7 +124,7 @@ def test_shared_prompt_rows_give_the_same_logps():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpop"])
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo"])
 def test_shared_prompt_gives_the_same_gradients(loss):
     """Tolerances as for the completion-only head above."""
     assert_same_step(one_step(loss, mixed=True), one_step(loss, collate_shared, mixed=True))

@@ -31,7 +31,7 @@ def test_sft_lowers_the_loss(sft_ckpt):
     assert ckpt["done"] and ckpt["step"] == 60 and ckpt["config"]["loss"] == "sft"
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpop", "ipo", "hinge"])
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo", "ipo", "hinge"])
 def test_preference_run_lowers_the_loss(tmp_path, tiny_args, sft_ckpt, loss):
     """30 steps on 16 built-in pairs written as JSONL (every step sees the same 16 pairs)."""
     data = tmp_path / "pairs.jsonl"
@@ -40,6 +40,12 @@ def test_preference_run_lowers_the_loss(tmp_path, tiny_args, sft_ckpt, loss):
                    "--batch-size", "16", "--lr", "1e-3", "--eval-every", "30"))
     log = train_rows(str(tmp_path / loss))
     start = {"ipo": 25.0, "hinge": 1.0}.get(loss, math.log(2))  # step 1 starts at the reference
+    if loss == "rpo":  # plus alpha 1 times the chosen NLL per token, logged as its own part
+        assert log[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)
+        for r in log:
+            assert r["loss"] == pytest.approx(r["loss/dpo"] + r["loss/nll"], abs=1e-5)
+        start = log[0]["loss"]
+        assert log[-1]["loss/nll"] < log[0]["loss/nll"]  # the SFT term keeps the chosen likely
     assert log[0]["loss"] == pytest.approx(start, abs=1e-4)
     assert sum(r["loss"] for r in log[-5:]) / 5 < 0.9 * start
     assert log[-1]["rewards/accuracies"] > 0.7
