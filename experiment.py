@@ -1,7 +1,9 @@
-"""The paper's finding, reproduced over seeds: DPO vs DPOP (with IPO and continued SFT beside them).
+"""The paper's finding, reproduced over seeds: DPO vs its two fixes, DPOP and RPO (with IPO and
+continued SFT beside them), a learning-rate sweep, and per-pair predictors of DPO's failure.
 
-    python experiment.py            # the full grid, 3 seeds, 38 runs: about 45 minutes on 2 CPU cores
+    python experiment.py            # the full grid, 3 seeds, 47 runs: about 55 minutes on 2 CPU cores
     python experiment.py --quick    # a smoke run of the same grid, tiny: about 30 seconds
+    python experiment.py --lr-sweep # DPO, DPOP, RPO at 4 learning rates, 3 seeds (--quick: tiny)
     python experiment.py --plot     # redraw the figure from the finished runs (needs matplotlib)
     python experiment.py --plot-runs out/dpo-arith-seed1337 out/dpop-arith-seed1337   # your own runs
                                     # on one figure, runs.png (--figure): chosen and rejected change
@@ -11,12 +13,12 @@
 
 For each seed, every run starts from the same SFT reference and reads its data in the same order:
   1. the SFT reference: `train.py --loss sft` from random weights (it stops at 50% held-out accuracy)
-  2. arith, the low-edit-distance data (one intermediate result corrupted): DPO, DPOP, IPO, and
-     continued SFT on the chosen completions, the baseline that ignores the rejected ones
-  3. arith-hed, the high-edit-distance control (another problem's solution): DPO, DPOP, IPO.
+  2. arith, the low-edit-distance data (one intermediate result corrupted): DPO, DPOP, RPO, IPO,
+     and continued SFT on the chosen completions, the baseline that ignores the rejected ones
+  3. arith-hed, the high-edit-distance control (another problem's solution): DPO, DPOP, RPO, IPO.
      Continued SFT reads only the chosen completions, which are arith's, so arith's run serves.
   4. self: the rejected completion is the reference's own sampled solution whose final answer is
-     wrong, the chosen the correct worked solution: DPO, DPOP, IPO, continued SFT
+     wrong, the chosen the correct worked solution: DPO, DPOP, RPO, IPO, continued SFT
 and, at the first seed, DPOP with lam 5 and 500 (lam 0 is DPO exactly, lam 50 is the DPOP run).
 Each stage-2 run is `train.py --init <reference>` with the preference defaults (300 steps, batch 32,
 lr 2e-4), continued SFT included, so every method gets the same budget.
@@ -24,7 +26,13 @@ lr 2e-4), continued SFT included, so every method gets the same budget.
 Every run is a train.py run in its own folder under --out, with its train.log. A finished run
 (one with summary.json) is skipped, so an interrupted experiment continues where it stopped (and
 the time it prints is then that of the rest only).
-The tables go to <out>/results.md and the figure to assets/experiment.png (--figure).
+The tables go to <out>/results.md and the figure to assets/experiment.png (--figure). For each
+DPO run they include how well three per-pair quantities, computed under the reference, rank the
+held-out pairs by the chosen log-prob they lose (Spearman): the normalised edit distance, Razin et
+al.'s CHES score, and the index of the first differing token.
+
+--lr-sweep reuses the grid's references and its lr 2e-4 runs (same --out), and writes
+<out>/lr-sweep.md and assets/lr-sweep.png.
 """
 import argparse
 import json
@@ -41,15 +49,19 @@ import torch
 import train
 from extras.runtime import model_from_checkpoint
 from extras.speedups import complete
-from data import answer_of, builtin_data, collate, load_preferences, load_tokenizer, tokenize_pairs
+from data import (answer_of, builtin_data, collate, edit_distance, load_preferences, load_tokenizer,
+                  tokenize_pairs)
 from dpop import token_logps
 
-STAGE2 = ["--steps", "300", "--batch-size", "32", "--lr", "2e-4"]  # the preference defaults, for all
-METHODS = dict.fromkeys(("arith", "arith-hed", "self"), ("dpo", "dpop", "ipo", "sft"))  # per data
+STAGE2 = ["--steps", "300", "--batch-size", "32"]  # the preference defaults, for all, and lr 2e-4:
+LR = 2e-4
+METHODS = dict.fromkeys(("arith", "arith-hed", "self"), ("dpo", "dpop", "rpo", "ipo", "sft"))  # per data
+SWEEP_LRS = (2e-5, 5e-5, 1e-4, 2e-4)  # --lr-sweep: these rates, for these methods on these data
+SWEEP = dict.fromkeys(("arith", "arith-hed"), ("dpo", "dpop", "rpo"))
 LAMS = (5.0, 500.0)  # the extra lam values of the sensitivity row; 0 and 50 are the DPO and DPOP runs
 N_SAMPLED = 10000  # training problems the reference answers for the self variant (one sample each)
 QUICK = {"sft": ["--steps", "40", "--sft-target-acc", "0", "--n-layer", "2", "--n-embd", "64"],
-         "stage2": ["--steps", "10", "--batch-size", "8", "--lr", "2e-4", "--eval-every", "10"],
+         "stage2": ["--steps", "10", "--batch-size", "8", "--eval-every", "10"],
          "sampled": 256}
 CPU = torch.device("cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,12 +72,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 2 3 (--demo-range: 1 to 10)")
     p.add_argument("--out", default="", help="folder of the runs and results.md (default: "
                    "out/experiment, or out/experiment-quick)")
-    p.add_argument("--figure", default="", help="where the figure goes (default: "
-                   "assets/experiment.png, or <out>/experiment.png with --quick; runs.png with --plot-runs)")
+    p.add_argument("--figure", default="", help="where the figure goes (default: assets/experiment.png "
+                   "or assets/lr-sweep.png, in <out> with --quick; runs.png with --plot-runs)")
     p.add_argument("--quick", action="store_true", help="1 seed, tiny runs: a smoke test")
     p.add_argument("--plot", action="store_true", help="only redraw the figure from finished runs")
     p.add_argument("--plot-runs", nargs="+", metavar="FOLDER",
                    help="draw these train.py runs' metrics.jsonl on one figure, and nothing else")
+    p.add_argument("--lr-sweep", action="store_true",
+                   help="DPO, DPOP and RPO on arith and arith-hed at lr 2e-5, 5e-5, 1e-4 and 2e-4 from "
+                        "the grid's SFT references (with --quick: tiny runs)")
     p.add_argument("--demo-range", action="store_true",
                    help="the demo's figures over --seeds (default 1-10) and --kernels, in --out "
                         "(default out/demo-range)")
@@ -84,8 +99,8 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds = args.seeds[:1]
     args.out = args.out or ("out/experiment-quick" if args.quick else "out/experiment")
-    args.figure = args.figure or (os.path.join(args.out, "experiment.png") if args.quick
-                                  else "assets/experiment.png")
+    name = "lr-sweep.png" if args.lr_sweep else "experiment.png"
+    args.figure = args.figure or (os.path.join(args.out, name) if args.quick else os.path.join("assets", name))
     return args
 
 
@@ -164,7 +179,7 @@ def token_view(policy, reference, pairs):
     policy, reference: measure() of each on pairs."""
     groups = {"before": [], "at": [], "after": []}
     for policy_logps, ref_logps, (_, c, r) in zip(policy[2], reference[2], pairs):
-        first = next((k for k, (a, b) in enumerate(zip(c, r)) if a != b), min(len(c), len(r)))
+        first = first_difference(c, r)
         delta = (policy_logps - ref_logps).tolist()
         groups["before"] += delta[:first]
         groups["at"] += delta[first:first + 1]
@@ -172,8 +187,77 @@ def token_view(policy, reference, pairs):
     return {k: statistics.mean(v) for k, v in groups.items()}
 
 
+def first_difference(chosen, rejected):
+    """The index of the first completion token where chosen and rejected differ."""
+    return next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-pair predictors of DPO's likelihood displacement (which pairs lose chosen log-prob)
+
+@torch.no_grad()
+def ches_scores(model, pairs, enc, batch_size=64):
+    """Razin et al.'s (2024) CHES score of each pair under model: <hc, hr> - |hc|^2, where hc sums
+    the last hidden state (after the final LayerNorm, what the vocabulary head reads) over the
+    positions that predict the chosen completion's tokens, and hr the same over the rejected's.
+    A high score: the two completions look alike to the model, and DPO's push down on the
+    rejected also pushes the chosen down."""
+    hidden = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, inputs, out: hidden.append(out))
+    scores = []
+    try:
+        for i in range(0, len(pairs), batch_size):
+            idx, _, mask = collate(pairs[i:i + batch_size], enc.eot_token)
+            hidden.clear()
+            model(idx, logits_at=mask)
+            sums = (hidden[0] * mask[..., None]).sum(1)  # (2B, C): one sum per completion
+            hc, hr = sums.chunk(2)
+            scores += ((hc * hr).sum(-1) - (hc * hc).sum(-1)).tolist()
+    finally:
+        hook.remove()
+    return scores
+
+
+def predictors(reference, pairs, enc):
+    """Three candidate predictors for each held-out pair, under the reference: the normalised edit
+    distance of chosen and rejected, the CHES score, and the first differing token's index."""
+    return {"edit distance": [edit_distance(c, r) / max(len(c), len(r)) for _, c, r in pairs],
+            "CHES": ches_scores(reference, pairs, enc),
+            "first difference": [first_difference(c, r) for _, c, r in pairs]}
+
+
+def ranks(values):
+    """1-based ranks, ties given the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (Pearson's on the ranks); nan where either side is constant."""
+    try:
+        return statistics.correlation(ranks(list(x)), ranks(list(y)))
+    except statistics.StatisticsError:
+        return float("nan")
+
+
 # ---------------------------------------------------------------------------------------------
 # The grid
+
+def reference_run(root, seed, quick):
+    """The seed's SFT reference, trained once (or found finished): the path of its checkpoint."""
+    sft_path = os.path.join(root, "sft", "ckpt.pt")
+    run(os.path.dirname(sft_path), ["--loss", "sft", "--data", "arith", "--seed", str(seed), *quick["sft"]])
+    return sft_path
+
 
 def experiment(args):
     t0 = time.time()
@@ -186,8 +270,7 @@ def experiment(args):
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         root = os.path.join(args.out, f"seed{seed}")
-        sft_path = os.path.join(root, "sft", "ckpt.pt")
-        run(os.path.dirname(sft_path), ["--loss", "sft", "--data", "arith", "--seed", str(seed), *quick["sft"]])
+        sft_path = reference_run(root, seed, quick)
         reference = load_model(sft_path)
         # the self variant's pairs: the reference's wrong answers to training and held-out problems
         self_train = os.path.join(root, "self-train.jsonl")
@@ -197,6 +280,7 @@ def experiment(args):
         held_out["self"] = tokenize_pairs(load_preferences(self_eval)[0], enc, 64)[0]
         print(f"  self: {n_self} of {quick['sampled']} sampled solutions were wrong", flush=True)
         ref_measures = {data: measure(reference, held_out[data], enc) for data in METHODS}  # once a seed
+        ref_predictors = {data: predictors(reference, held_out[data], enc) for data in METHODS}
 
         for data, methods in METHODS.items():
             data_flags = ["--data", data] if data != "self" else ["--data", self_train, "--eval-data", "arith"]
@@ -208,7 +292,7 @@ def experiment(args):
                     # continued SFT never reads the rejected completions: arith-hed's run is arith's
                     folder = os.path.join(root, "arith" if (data, method) == ("arith-hed", "sft") else data, name)
                     flags = ["--loss", method, "--init", sft_path, "--seed", str(seed), *data_flags,
-                             *quick["stage2"], *([] if lam is None else ["--lam", str(lam)])]
+                             *quick["stage2"], "--lr", str(LR), *([] if lam is None else ["--lam", str(lam)])]
                     summary = run(folder, flags)
                     measured = measure(load_model(os.path.join(folder, "ckpt.pt")), held_out[data], enc)
                     row = {"seed": seed, "data": data, "method": name, "lam": lam,
@@ -217,6 +301,9 @@ def experiment(args):
                            **changes(measured, ref_measures[data])}
                     if data == "arith":
                         row["tokens"] = token_view(measured, ref_measures[data], held_out[data])
+                    if name == "dpo":  # which pairs lost the most chosen log-prob under DPO?
+                        displacement = (measured[0] - ref_measures[data][0]).tolist()
+                        row["spearman"] = {k: spearman(v, displacement) for k, v in ref_predictors[data].items()}
                     results.append(row)
     minutes = (time.time() - t0) / 60
     report = tables(results, args, minutes)
@@ -231,6 +318,91 @@ def experiment(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# The learning-rate sweep: DPO, DPOP and RPO at four rates, from the experiment's references
+
+def lr_sweep(args):
+    """Each method of SWEEP on each of its data at each rate of SWEEP_LRS, for every seed, from
+    that seed's SFT reference (shared with the grid, in the same --out; trained if missing). The
+    grid's own runs are the lr 2e-4 cells. Writes <out>/lr-sweep.json and lr-sweep.md, and the
+    figure: held-out generation accuracy and chosen log-prob change against lr."""
+    t0 = time.time()
+    quick = QUICK if args.quick else {"sft": [], "stage2": STAGE2}
+    results = []
+    for seed in args.seeds:
+        root = os.path.join(args.out, f"seed{seed}")
+        sft_path = reference_run(root, seed, quick)
+        for data, methods in SWEEP.items():
+            for method in methods:
+                for lr in SWEEP_LRS:
+                    name = method if lr == LR else f"{method}-lr{short(lr)}"  # LR: the grid's own run
+                    summary = run(os.path.join(root, data, name),
+                                  ["--loss", method, "--init", sft_path, "--seed", str(seed), "--data", data,
+                                   *quick["stage2"], "--lr", str(lr)])
+                    results.append({"seed": seed, "data": data, "method": method, "lr": lr,
+                                    "accuracy": summary["trained"]["gen_accuracy"],
+                                    "reference_accuracy": summary["reference"]["gen_accuracy"],
+                                    "chosen": summary["trained"]["logratio/chosen"]})
+    minutes = (time.time() - t0) / 60
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [f"Seeds {seeds}; mean ± sd over seeds; {minutes:.0f} minutes{' (--quick)' if args.quick else ''}. "
+             f"Each cell: generation accuracy on the 200 test problems (greedy) / chosen log-prob change "
+             f"from the SFT reference on the 256 held-out pairs (nats). The references' accuracy: "
+             f"{mean_sd(list({r['seed']: 100 * r['reference_accuracy'] for r in results}.values()), '{:.1f}%')}.",
+             "", "| data | method | " + " | ".join(f"lr {short(lr)}" for lr in SWEEP_LRS) + " |",
+             "| --- | --- |" + " --- |" * len(SWEEP_LRS)]
+    for data, methods in SWEEP.items():
+        for method in methods:
+            cells = []
+            for lr in SWEEP_LRS:
+                rows = [r for r in results if (r["data"], r["method"], r["lr"]) == (data, method, lr)]
+                cells.append(mean_sd([100 * r["accuracy"] for r in rows], "{:.1f}%") + " / " +
+                             mean_sd([r["chosen"] for r in rows], "{:+.2f}"))
+            lines.append(f"| {data} | {NAMES[method]} | " + " | ".join(cells) + " |")
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "lr-sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(args.out, "lr-sweep.md"), "w") as f:
+        f.write(report)
+    print(report)
+    print(f"{len(results)} cells in {minutes:.1f} minutes; table in {args.out}/lr-sweep.md")
+    plot_sweep(results, args.figure)
+
+
+def short(lr):
+    """2e-4, not 0.0002."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def plot_sweep(results, path):
+    """Accuracy (top) and chosen change (bottom) against lr, one line per method (mean over seeds,
+    bars: min to max), one column per data variant."""
+    plt = pyplot("python experiment.py --lr-sweep")
+    if plt is None:
+        return
+    fig, axes = plt.subplots(2, len(SWEEP), figsize=(11, 7), sharex=True)
+    for col, (data, methods) in enumerate(SWEEP.items()):
+        for method, colour in zip(methods, ("tab:red", "tab:blue", "tab:green")):
+            for row, key, scale in ((0, "accuracy", 100), (1, "chosen", 1)):
+                values = [[scale * r[key] for r in results if (r["data"], r["method"], r["lr"]) == (data, method, lr)]
+                          for lr in SWEEP_LRS]
+                mean = [statistics.mean(v) for v in values]
+                axes[row, col].errorbar(SWEEP_LRS, mean, yerr=[[m - min(v) for m, v in zip(mean, values)],
+                                                               [max(v) - m for m, v in zip(mean, values)]],
+                                        color=colour, marker="o", capsize=3, label=NAMES[method])
+        axes[0, col].set_title(DATA_NAMES[data])
+        axes[1, col].axhline(0, color="grey", linewidth=0.5)
+        axes[1, col].set_xlabel("peak learning rate (300 steps)")
+        axes[1, col].set_xscale("log")
+    axes[0, 0].set_ylabel("generation accuracy (%), test problems")
+    axes[1, 0].set_ylabel("chosen log-prob change (nats), held-out pairs")
+    axes[0, 0].legend()
+    seeds = sorted({r["seed"] for r in results})
+    fig.suptitle(f"DPO, DPOP and RPO across learning rates, mean over seeds {', '.join(map(str, seeds))} "
+                 f"(bars: min to max)")
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
 # Reporting: Markdown tables (mean ± sd over seeds) and the figure
 
 def mean_sd(values, fmt):
@@ -239,7 +411,7 @@ def mean_sd(values, fmt):
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values)).lstrip('+')}"
 
 
-NAMES = {"dpo": "DPO", "dpop": "DPOP (lam 50)", "ipo": "IPO", "sft": "continued SFT"}
+NAMES = {"dpo": "DPO", "dpop": "DPOP (lam 50)", "rpo": "RPO (alpha 1)", "ipo": "IPO", "sft": "continued SFT"}
 DATA_NAMES = {"arith": "arith (low edit distance)", "arith-hed": "arith-hed (high edit distance)",
               "self": "self (the reference's own wrong answers)"}
 
@@ -282,6 +454,18 @@ def tables(results, args, minutes):
         rows = [r for r in results if r["data"] == "arith" and r["method"] == method]
         lines.append(f"| {NAMES[method]} | " + " | ".join(
             mean_sd([r["tokens"][k] for r in rows], "{:+.3f}") for k in ("before", "at", "after")) + " |")
+    names = list(next(r for r in results if "spearman" in r)["spearman"])
+    lines += ["", "Which held-out pairs lose chosen log-prob under DPO? Spearman correlation of each "
+              "predictor, computed under the reference, with the pair's chosen log-prob change under "
+              "DPO (negative: a larger value goes with a larger fall):", "",
+              "| data | seed | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    for data in METHODS:
+        rows = [r for r in results if r["data"] == data and r["method"] == "dpo"]
+        for r in rows:
+            lines.append(f"| {data} | {r['seed']} | " + " | ".join(f"{r['spearman'][k]:+.2f}" for k in names) + " |")
+        if len(rows) > 1:
+            lines.append(f"| {data} | mean ± sd | " + " | ".join(
+                mean_sd([r["spearman"][k] for r in rows], "{:+.2f}") for k in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,7 +498,7 @@ def plot(args):
     seeds = sorted(int(d[4:]) for d in os.listdir(args.out) if d.startswith("seed"))
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
     for col, data in enumerate(METHODS):
-        for method, colour in (("dpo", "tab:red"), ("dpop", "tab:blue")):
+        for method, colour in (("dpo", "tab:red"), ("dpop", "tab:blue"), ("rpo", "tab:green")):
             curves = []
             for seed in seeds:
                 path = os.path.join(args.out, f"seed{seed}", data, method, "metrics.jsonl")
@@ -335,7 +519,7 @@ def plot(args):
     axes[0, 0].set_ylabel("chosen log-prob change (nats)")
     axes[1, 0].set_ylabel("rejected log-prob change (nats)")
     axes[0, 0].legend()
-    fig.suptitle(f"DPO vs DPOP from the same SFT reference: mean over seeds {', '.join(map(str, seeds))} "
+    fig.suptitle(f"DPO, DPOP and RPO from the same SFT reference: mean over seeds {', '.join(map(str, seeds))} "
                  f"(shaded: min to max), training batches")
     save_figure(fig, args.figure)
 
@@ -440,6 +624,8 @@ def main(argv=None):
         plot_runs(args)
     elif args.demo_range:
         demo_range(args)
+    elif args.lr_sweep:
+        lr_sweep(args)
     elif args.plot:
         plot(args)
     else:

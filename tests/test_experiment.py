@@ -1,5 +1,6 @@
 """experiment.py: the quick mode end to end, and the token-level measurement it reports."""
 import json
+import math
 import os
 
 import pytest
@@ -22,7 +23,7 @@ def test_quick_mode_runs_the_whole_grid_and_resumes(tmp_path, capsys):
     for lam in ("0", "5", "50", "500"):
         assert f"\n| {lam} | " in report
     results = json.load(open(os.path.join(out, "results.json")))
-    assert len(results) == 4 + 4 + 4 + 2  # arith, arith-hed, self, the two extra lam values
+    assert len(results) == 5 + 5 + 5 + 2  # arith, arith-hed, self, the two extra lam values
     assert all(set(r["tokens"]) == {"before", "at", "after"} for r in results if r["data"] == "arith")
     # the self variant: each rejected is one of the reference's samples with a wrong final answer
     pairs = [json.loads(line) for line in open(os.path.join(out, "seed1", "self-train.jsonl"))]
@@ -30,10 +31,62 @@ def test_quick_mode_runs_the_whole_grid_and_resumes(tmp_path, capsys):
     for p in pairs:
         a, b = map(int, p["prompt"].rstrip("=").split("+"))
         assert answer_of(p["chosen"]) == a + b and answer_of(p["rejected"]) != a + b
+    # DPO's runs carry the three predictors' rank correlations with each pair's chosen change
+    dpo = [r for r in results if r["method"] == "dpo"]
+    assert len(dpo) == 3 and all(set(r["spearman"]) == {"edit distance", "CHES", "first difference"}
+                                 and all(-1 <= v <= 1 for v in r["spearman"].values()) for r in dpo)
     # a second call finds every run finished and trains nothing
     capsys.readouterr()
     experiment.main(["--quick", "--out", out])
     assert f"{out}/seed1" not in capsys.readouterr().out.split("Seeds 1")[0]
+    # the learning-rate sweep reuses the grid's reference and its lr 2e-4 runs: 18 new runs
+    experiment.main(["--lr-sweep", "--quick", "--out", out])
+    trained = capsys.readouterr().out.split("Seeds 1")[0]
+    assert trained.count(f"{out}/seed1/") == 18 and "/sft:" not in trained and "/dpo:" not in trained
+    sweep = json.load(open(os.path.join(out, "lr-sweep.json")))
+    assert {(r["data"], r["method"], r["lr"]) for r in sweep} == {
+        (d, m, lr) for d in ("arith", "arith-hed") for m in ("dpo", "dpop", "rpo") for lr in experiment.SWEEP_LRS}
+    grid = {(r["data"], r["method"]): r for r in results}
+    for r in sweep:
+        if r["lr"] == 2e-4:  # the grid's run: the same summary, read back
+            assert r["accuracy"] == grid[r["data"], r["method"]]["accuracy"]
+    assert "| arith | RPO (alpha 1) | " in open(os.path.join(out, "lr-sweep.md")).read()
+
+
+def test_spearman_ranks_ties_by_their_mean():
+    assert experiment.ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
+    assert experiment.spearman([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1)
+    assert experiment.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    # Pearson's on the ranks, ties included: ranks [1.5, 1.5, 3, 4] against [1, 2, 3, 4]
+    assert experiment.spearman([7, 7, 8, 9], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    assert math.isnan(experiment.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_ches_score_is_the_closed_form_of_the_summed_hidden_states():
+    """CHES = <hc, hr> - |hc|^2 with hc, hr the sums of the final hidden states over the positions
+    that predict each completion's tokens; checked against the states computed by hand."""
+    torch.manual_seed(0)
+    enc = load_tokenizer("byte")
+    records = [{"prompt": "1+2=", "chosen": "answer 3", "rejected": "answer 4"},
+               {"prompt": "10+20=", "chosen": "0+0=0; answer 30", "rejected": "no"}]
+    pairs = tokenize_pairs(records, enc, 64)[0]
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32)).eval()
+    scores = experiment.ches_scores(model, pairs, enc)
+    for (p, c, r), score in zip(pairs, scores):
+        sums = []
+        for completion in (c, r):
+            seq = torch.tensor([p + completion])
+            m = model.transformer
+            with torch.no_grad():
+                x = m.wte(seq[:, :-1]) + m.wpe(torch.arange(seq.size(1) - 1))
+                h = m.ln_f(m.h[0](x))[0]  # (T, C)
+            sums.append(h[len(p) - 1:].sum(0))  # positions len(p)-1 .. predict the completion
+        hc, hr = sums
+        # float32 sums of two products of size |hc|^2 (about 10^3 here), taken in another order
+        assert score == pytest.approx((hc @ hr - hc @ hc).item(), abs=1e-5 * (hc @ hc).item())
+    # identical completions: CHES is 0, the chosen's sum against itself
+    same = tokenize_pairs([{"prompt": "1+2=", "chosen": "answer 3", "rejected": "answer 3"}], enc, 64)[0]
+    assert abs(experiment.ches_scores(model, same, enc)[0]) <= 1e-5 * (hc @ hc).item()
 
 
 def test_token_view_is_zero_for_the_reference_and_sums_to_the_sequence_change():
