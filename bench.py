@@ -26,7 +26,6 @@ then N + 4 or N + 5 tokens, and --share-prompt's packed rows N + 6 to N + 8. --p
 3 more steps under torch.profiler after the timed ones and writes the 25 ops that took the most
 self CUDA time (self CPU time on a CPU) to FILE, a text table.
 """
-import argparse
 import json
 import os
 import resource
@@ -41,6 +40,7 @@ from types import SimpleNamespace
 import torch
 
 from data import collate
+from extras.runtime import ArgumentParser, HelpFormatter
 from extras.speedups import (collate_shared, manual_attention, reference_train_logps,
                              sparse_embedding_grad, to_device)
 from model import GPT, GPTConfig
@@ -50,37 +50,45 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shots", type=int, default=0, help="solved examples before each prompt")
-    p.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
-                   help="instead of --shots: prompts of exactly N tokens (enough solved examples, "
-                        "then each prompt cut to its last N tokens), rows of N + 4 or N + 5")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2, help="leading steps left out of the figures")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--ref-logps", choices=("every-step", "precompute"), default="every-step")
-    p.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
-    p.add_argument("--share-prompt", action="store_true", help="one packed row per pair (a lever on)")
-    p.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
-    p.add_argument("--manual-attention", action="store_true",
-                   help="textbook attention instead of torch's SDPA (a lever off)")
-    p.add_argument("--dense-embedding-grad", action="store_true",
-                   help="wte's lookup gradient dense, not sparse (a lever off)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="autocast dtype (float16 adds a GradScaler)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the policy")
-    p.add_argument("--model", default="bench", choices=("bench", "gpt2"),
-                   help="bench: the TRL harness's 6x6x384 shape; gpt2: GPT-2 124M's 12x12x768")
-    p.add_argument("--synth", default=os.path.join(HERE, "..", "shared", "bench"),
-                   help="folder of synth_prefs.py (and trl_dpo_bench.py)")
-    p.add_argument("--vs-trl", default="", help="python of a venv with TRL: alternate the two")
-    p.add_argument("--rounds", type=int, default=1, help="with --vs-trl: runs of each side")
-    p.add_argument("--profile", default="", metavar="FILE",
-                   help="after the timed steps, profile 3 more (the first 3 batches again) with "
-                        "torch.profiler; write the top 25 ops by self CUDA time (self CPU time on "
-                        "a CPU) to FILE")
+    usage = __doc__.split("\n\nRows of")[0]  # the first paragraphs and the examples
+    p = ArgumentParser(description=usage, formatter_class=HelpFormatter)  # a bad flag: one error line
+    work = p.add_argument_group("the work: what one timed step trains")
+    work.add_argument("--model", default="bench", choices=("bench", "gpt2"),
+                      help="bench: the TRL harness's 6x6x384 shape; gpt2: GPT-2 124M's 12x12x768")
+    work.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    work.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (long prompts)")
+    work.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
+                      help="instead of --shots: prompts of exactly N tokens (enough solved examples, "
+                           "then each prompt cut to its last N tokens), rows of N + 4 or N + 5")
+    work.add_argument("--steps", type=int, default=12, help="optimizer steps, the warm-up ones included")
+    work.add_argument("--warmup", type=int, default=2, help="leading steps left out of the figures")
+    work.add_argument("--synth", default=os.path.join(HERE, "..", "shared", "bench"),
+                      help="folder of the harness's synth_prefs.py (and trl_dpo_bench.py)")
+    levers = p.add_argument_group("speed levers: each computes the same step, one on or off")
+    levers.add_argument("--ref-logps", choices=("every-step", "precompute"), default="every-step",
+                        help="the reference's log-probs: a forward pass every step, or computed beforehand")
+    levers.add_argument("--share-prompt", action="store_true", help="one packed row per pair (a lever on)")
+    levers.add_argument("--full-logits", action="store_true", help="logits at every position (a lever off)")
+    levers.add_argument("--unfused-adamw", action="store_true", help="torch's default AdamW (a lever off)")
+    levers.add_argument("--manual-attention", action="store_true",
+                        help="textbook attention instead of torch's SDPA (a lever off)")
+    levers.add_argument("--dense-embedding-grad", action="store_true",
+                        help="wte's lookup gradient dense, not sparse (a lever off)")
+    levers.add_argument("--compile", action="store_true", help="torch.compile the policy")
+    machine = p.add_argument_group("the machine")
+    machine.add_argument("--device", default="cpu", help="cpu or cuda")
+    machine.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                         help="autocast dtype (float16 adds a GradScaler)")
+    machine.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    compare = p.add_argument_group("against TRL, and a profile")
+    compare.add_argument("--vs-trl", default="", metavar="PYTHON",
+                         help="the python of a virtual environment with TRL: alternate our step and "
+                              "TRL's on the same work, and print a table (docs/performance.md)")
+    compare.add_argument("--rounds", type=int, default=1, help="with --vs-trl: runs of each side")
+    compare.add_argument("--profile", default="", metavar="FILE",
+                         help="after the timed steps, profile 3 more (the first 3 batches again) with "
+                              "torch.profiler; write the top 25 ops by self CUDA time (self CPU time on "
+                              "a CPU) to FILE")
     args = p.parse_args(argv)
     if args.prompt_tokens and args.shots:
         p.error("--prompt-tokens chooses the number of shots: pass one of the two")

@@ -43,7 +43,7 @@ except ImportError:  # Windows: no lock, so two runs on one folder go undetected
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
-        sys.exit(f"error: {message} (see python train.py --help)")
+        sys.exit(f"error: {message} (see python {self.prog} --help)")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -223,3 +223,28 @@ def test_the_configuration_printed_is_the_model_that_trains(tiny_args, sft_ckpt,
     out = capsys.readouterr().out
     assert "model: 1 blocks x 2 heads, width 32, context 48, vocabulary 257" in out
     assert f"from {sft_ckpt}" in out and "training: loss dpop, beta 0.1, lam 50.0; 1 steps of 32 pairs" in out
+
+
+def test_help_groups_every_flag_and_shows_the_stage_defaults(capsys):
+    import bench
+    from train import parse_args
+    for parse, groups in ((parse_args, ["what to train", "optimisation", "the preference loss",
+                                        "the SFT reference", "the model", "evaluation, logging"]),
+                          (bench.parse_args, ["the work", "speed levers", "the machine", "against TRL"])):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = capsys.readouterr().out
+        assert all(f"\n{g}" in text for g in groups)
+        # every flag has a help text: in argparse's layout its name ends the line or is followed
+        # by two spaces and the text
+        names = [w.strip("[]") for w in text.split("\noptions:")[0].split() if w.startswith("[--")]
+        for name in names:
+            line = next(l for l in text.splitlines() if l.strip().startswith(name))
+            after = line.strip()[len(name):].split("  ", 1)
+            assert len(after) == 2 or text.split(line + "\n", 1)[1].startswith(" " * 20), name
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "optimizer steps (default: sft 600, a preference loss 300)" in text
+    assert "peak learning rate (default: sft 1e-3, a preference loss 2e-4)" in text
+    assert "--rpo-alpha RPO_ALPHA RPO's weight" in text and "(default: None)" not in text
