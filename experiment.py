@@ -86,7 +86,8 @@ def parse_args(argv=None):
                         "(default out/demo-range)")
     p.add_argument("--kernels", nargs="+", default=["default", "avx2"],
                    help="with --demo-range: values of ATEN_CPU_CAPABILITY, torch's CPU kernel path")
-    p.add_argument("--jobs", type=int, default=2, help="with --demo-range: runs at once, one thread each")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="with --demo-range: runs at once, one thread each (default: the CPU count)")
     args = p.parse_args(argv)
     if args.plot_runs:
         args.figure = args.figure or "runs.png"
