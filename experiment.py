@@ -34,7 +34,6 @@ al.'s CHES score, and the index of the first differing token.
 --lr-sweep reuses the grid's references and its lr 2e-4 runs (same --out), and writes
 <out>/lr-sweep.md and assets/lr-sweep.png.
 """
-import argparse
 import json
 import os
 import statistics
@@ -47,7 +46,7 @@ from contextlib import nullcontext, redirect_stdout
 import torch
 
 import train
-from extras.runtime import model_from_checkpoint
+from extras.runtime import ArgumentParser, model_from_checkpoint
 from extras.speedups import complete
 from data import (answer_of, builtin_data, collate, edit_distance, load_preferences, load_tokenizer,
                   tokenize_pairs)
@@ -68,7 +67,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])  # a bad flag: one error line
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 1 2 3 (--demo-range: 1 to 10)")
     p.add_argument("--out", default="", help="folder of the runs and results.md (default: "
                    "out/experiment, or out/experiment-quick)")
@@ -81,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-sweep", action="store_true",
                    help="DPO, DPOP and RPO on arith and arith-hed at lr 2e-5, 5e-5, 1e-4 and 2e-4 from "
                         "the grid's SFT references (with --quick: tiny runs)")
+    p.add_argument("--lrs", type=float, nargs="+", default=list(SWEEP_LRS),
+                   help="with --lr-sweep: these learning rates (default: 2e-5 5e-5 1e-4 2e-4)")
     p.add_argument("--demo-range", action="store_true",
                    help="the demo's figures over --seeds (default 1-10) and --kernels, in --out "
                         "(default out/demo-range)")
@@ -92,6 +93,9 @@ def parse_args(argv=None):
     if args.plot_runs:
         args.figure = args.figure or "runs.png"
         return args
+    if not all(0 < lr < 1 for lr in args.lrs):  # nan fails this too
+        p.error(f"--lrs {' '.join(map(str, args.lrs))}: each learning rate must be in (0, 1)")
+    args.lrs = sorted(set(args.lrs))
     if args.demo_range:
         args.seeds = args.seeds or list(range(1, 11))
         args.out = args.out or "out/demo-range"
@@ -322,43 +326,65 @@ def experiment(args):
 # The learning-rate sweep: DPO, DPOP and RPO at four rates, from the experiment's references
 
 def lr_sweep(args):
-    """Each method of SWEEP on each of its data at each rate of SWEEP_LRS, for every seed, from
-    that seed's SFT reference (shared with the grid, in the same --out; trained if missing). The
-    grid's own runs are the lr 2e-4 cells. Writes <out>/lr-sweep.json and lr-sweep.md, and the
-    figure: held-out generation accuracy and chosen log-prob change against lr."""
+    """Each method of SWEEP on each of its data at each rate of --lrs (SWEEP_LRS), for every seed,
+    from that seed's SFT reference (shared with the grid, in the same --out; trained if missing).
+    The grid's own runs are the lr 2e-4 cells. For each DPO run, the predictors' Spearman
+    correlations with the held-out pairs' chosen change, as in the grid. Writes <out>/lr-sweep.json
+    and lr-sweep.md, and the figure: held-out generation accuracy and chosen change against lr."""
     t0 = time.time()
     quick = QUICK if args.quick else {"sft": [], "stage2": STAGE2}
+    enc = load_tokenizer("byte")
+    held_out = {data: tokenize_pairs(builtin_data(data)["eval"], enc, 64)[0] for data in SWEEP}
     results = []
     for seed in args.seeds:
         root = os.path.join(args.out, f"seed{seed}")
         sft_path = reference_run(root, seed, quick)
+        reference = load_model(sft_path)
         for data, methods in SWEEP.items():
+            ref_chosen = measure(reference, held_out[data], enc)[0]
+            ref_predictors = predictors(reference, held_out[data], enc)
             for method in methods:
-                for lr in SWEEP_LRS:
+                for lr in args.lrs:
                     name = method if lr == LR else f"{method}-lr{short(lr)}"  # LR: the grid's own run
-                    summary = run(os.path.join(root, data, name),
-                                  ["--loss", method, "--init", sft_path, "--seed", str(seed), "--data", data,
-                                   *quick["stage2"], "--lr", str(lr)])
-                    results.append({"seed": seed, "data": data, "method": method, "lr": lr,
-                                    "accuracy": summary["trained"]["gen_accuracy"],
-                                    "reference_accuracy": summary["reference"]["gen_accuracy"],
-                                    "chosen": summary["trained"]["logratio/chosen"]})
+                    folder = os.path.join(root, data, name)
+                    summary = run(folder, ["--loss", method, "--init", sft_path, "--seed", str(seed),
+                                           "--data", data, *quick["stage2"], "--lr", str(lr)])
+                    row = {"seed": seed, "data": data, "method": method, "lr": lr,
+                           "accuracy": summary["trained"]["gen_accuracy"],
+                           "reference_accuracy": summary["reference"]["gen_accuracy"],
+                           "chosen": summary["trained"]["logratio/chosen"]}
+                    if method == "dpo":
+                        chosen = measure(load_model(os.path.join(folder, "ckpt.pt")), held_out[data], enc)[0]
+                        displacement = (chosen - ref_chosen).tolist()
+                        row["spearman"] = {k: spearman(v, displacement) for k, v in ref_predictors.items()}
+                    results.append(row)
     minutes = (time.time() - t0) / 60
+    lrs = args.lrs
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"Seeds {seeds}; mean ± sd over seeds; {minutes:.0f} minutes{' (--quick)' if args.quick else ''}. "
              f"Each cell: generation accuracy on the 200 test problems (greedy) / chosen log-prob change "
              f"from the SFT reference on the 256 held-out pairs (nats). The references' accuracy: "
              f"{mean_sd(list({r['seed']: 100 * r['reference_accuracy'] for r in results}.values()), '{:.1f}%')}.",
-             "", "| data | method | " + " | ".join(f"lr {short(lr)}" for lr in SWEEP_LRS) + " |",
-             "| --- | --- |" + " --- |" * len(SWEEP_LRS)]
+             "", "| data | method | " + " | ".join(f"lr {short(lr)}" for lr in lrs) + " |",
+             "| --- | --- |" + " --- |" * len(lrs)]
     for data, methods in SWEEP.items():
         for method in methods:
             cells = []
-            for lr in SWEEP_LRS:
+            for lr in lrs:
                 rows = [r for r in results if (r["data"], r["method"], r["lr"]) == (data, method, lr)]
                 cells.append(mean_sd([100 * r["accuracy"] for r in rows], "{:.1f}%") + " / " +
                              mean_sd([r["chosen"] for r in rows], "{:+.2f}"))
             lines.append(f"| {data} | {NAMES[method]} | " + " | ".join(cells) + " |")
+    names = ("edit distance", "CHES", "first difference")
+    lines += ["", "Spearman correlation of each predictor (under the reference) with the held-out pair's "
+              "chosen log-prob change under DPO, mean ± sd over seeds (negative: a larger value goes "
+              "with a larger fall):", "", "| data | lr | " + " | ".join(names) + " |",
+              "| --- | --- |" + " --- |" * len(names)]
+    for data in SWEEP:
+        for lr in lrs:
+            rows = [r for r in results if (r["data"], r["method"], r["lr"]) == (data, "dpo", lr)]
+            lines.append(f"| {data} | {short(lr)} | " + " | ".join(
+                mean_sd([r["spearman"][k] for r in rows], "{:+.2f}") for k in names) + " |")
     report = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "lr-sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -366,7 +392,7 @@ def lr_sweep(args):
         f.write(report)
     print(report)
     print(f"{len(results)} cells in {minutes:.1f} minutes; table in {args.out}/lr-sweep.md")
-    plot_sweep(results, args.figure)
+    plot_sweep(results, lrs, args.figure)
 
 
 def short(lr):
@@ -374,7 +400,7 @@ def short(lr):
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def plot_sweep(results, path):
+def plot_sweep(results, lrs, path):
     """Accuracy (top) and chosen change (bottom) against lr, one line per method (mean over seeds,
     bars: min to max), one column per data variant."""
     plt = pyplot("python experiment.py --lr-sweep")
@@ -385,9 +411,9 @@ def plot_sweep(results, path):
         for method, colour in zip(methods, ("tab:red", "tab:blue", "tab:green")):
             for row, key, scale in ((0, "accuracy", 100), (1, "chosen", 1)):
                 values = [[scale * r[key] for r in results if (r["data"], r["method"], r["lr"]) == (data, method, lr)]
-                          for lr in SWEEP_LRS]
+                          for lr in lrs]
                 mean = [statistics.mean(v) for v in values]
-                axes[row, col].errorbar(SWEEP_LRS, mean, yerr=[[m - min(v) for m, v in zip(mean, values)],
+                axes[row, col].errorbar(lrs, mean, yerr=[[m - min(v) for m, v in zip(mean, values)],
                                                                [max(v) - m for m, v in zip(mean, values)]],
                                         color=colour, marker="o", capsize=3, label=NAMES[method])
         axes[0, col].set_title(DATA_NAMES[data])

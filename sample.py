@@ -24,7 +24,7 @@ from extras import runtime, speedups
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = runtime.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="ckpt.pt files written by train.py")
     p.add_argument("--problems", type=int, default=5, help="how many held-out test problems (1 to 200)")

@@ -46,6 +46,8 @@ def test_quick_mode_runs_the_whole_grid_and_resumes(tmp_path, capsys):
     sweep = json.load(open(os.path.join(out, "lr-sweep.json")))
     assert {(r["data"], r["method"], r["lr"]) for r in sweep} == {
         (d, m, lr) for d in ("arith", "arith-hed") for m in ("dpo", "dpop", "rpo") for lr in experiment.SWEEP_LRS}
+    assert all(set(r["spearman"]) == {"edit distance", "CHES", "first difference"}
+               for r in sweep if r["method"] == "dpo")
     grid = {(r["data"], r["method"]): r for r in results}
     for r in sweep:
         if r["lr"] == 2e-4:  # the grid's run: the same summary, read back
