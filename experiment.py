@@ -623,8 +623,9 @@ def demo_range(args):
     for kernel, seed, r in results:
         ref = r["dpo"]["summary"]["reference"]["gen_accuracy"]
         dpo, dpop = (r[m]["summary"]["trained"] for m in ("dpo", "dpop"))
-        holds = (dpo["gen_accuracy"] <= ref - 0.2 and dpo["logratio/chosen"] < 0
-                 and dpop["gen_accuracy"] >= ref + 0.2 and dpop["logratio/chosen"] > 0)
+        points = lambda acc: round(1000 * acc)  # tenths of a point: 78.5% + 20 points is 98.5%, not 98.50000001%
+        holds = (points(dpo["gen_accuracy"]) <= points(ref) - 200 and dpo["logratio/chosen"] < 0
+                 and points(dpop["gen_accuracy"]) >= points(ref) + 200 and dpop["logratio/chosen"] > 0)
         rows.append({"kernel": kernel, "seed": seed, "reference": ref, "dpo": dpo["gen_accuracy"],
                      "dpo_chosen": dpo["logratio/chosen"], "dpop": dpop["gen_accuracy"],
                      "dpop_chosen": dpop["logratio/chosen"], "holds": holds,
