@@ -1,6 +1,7 @@
 """Speed-ups never change the maths: each one on and off gives the same losses and gradients
 (float32; tolerances stated per test)."""
 import json
+import math
 import os
 from contextlib import nullcontext
 
@@ -192,10 +193,17 @@ def test_precomputed_reference_logps_give_the_same_gradients(tmp_path, loss):
         stats = forward_backward(policy, ref, batches, cfg, ref_logps)
         results.append((stats, grads_of(policy)))
     (every, every_grads), (pre, pre_grads) = results
-    assert pre["loss"] == pytest.approx(every["loss"], abs=1e-5)
+    # summed log-probs near -220 resolve 1.5e-5 in float32, and the margin carries a few such
+    # steps; IPO's loss (d - 1/(2 beta))^2 multiplies that by its slope 2|d - 1/(2 beta)|, about
+    # 10 here (seen: 1.9e-5 apart on a loss of 25.2 with the default, unvectorised kernels)
+    slope = 2 * math.sqrt(every["loss"]) if loss == "ipo" else 1.0
+    assert pre["loss"] == pytest.approx(every["loss"], abs=1e-5 * slope)
     assert pre["rewards/margins"] == pytest.approx(every["rewards/margins"], abs=1e-5)
+    # IPO's gradient is (d - 1/(2 beta)) times the log-probs' gradients: the same few 1.5e-5 steps
+    # of d scale all of it, by a few 1e-6 relative (seen: 7.4e-6 on an entry of 1.75)
     for name in every_grads:
-        torch.testing.assert_close(pre_grads[name], every_grads[name], atol=1e-5, rtol=0)
+        torch.testing.assert_close(pre_grads[name], every_grads[name], atol=1e-5,
+                                   rtol=1e-5 if loss == "ipo" else 0)
 
 
 def test_precomputed_logps_match_per_pair_and_change_with_the_weights(tmp_path):
