@@ -311,13 +311,7 @@ def experiment(args):
                         row["spearman"] = {k: spearman(v, displacement) for k, v in ref_predictors[data].items()}
                     results.append(row)
     minutes = (time.time() - t0) / 60
-    report = tables(results, args, minutes)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(report)
-    print(report)
+    save_results(args.out, "results", results, tables(results, args, minutes))
     print(f"{len(results)} runs in {minutes:.1f} minutes; tables in {args.out}/results.md")
     plot(args)
 
@@ -385,12 +379,7 @@ def lr_sweep(args):
             rows = [r for r in results if (r["data"], r["method"], r["lr"]) == (data, "dpo", lr)]
             lines.append(f"| {data} | {short(lr)} | " + " | ".join(
                 mean_sd([r["spearman"][k] for r in rows], "{:+.2f}") for k in names) + " |")
-    report = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "lr-sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "lr-sweep.md"), "w") as f:
-        f.write(report)
-    print(report)
+    save_results(args.out, "lr-sweep", results, "\n".join(lines) + "\n")
     print(f"{len(results)} cells in {minutes:.1f} minutes; table in {args.out}/lr-sweep.md")
     plot_sweep(results, lrs, args.figure)
 
@@ -431,6 +420,16 @@ def plot_sweep(results, lrs, path):
 
 # ---------------------------------------------------------------------------------------------
 # Reporting: Markdown tables (mean ± sd over seeds) and the figure
+
+def save_results(folder, name, results, report):
+    """<folder>/<name>.json (one dict per run) and <name>.md (the tables); print the tables."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(report)
+    print(report)
+
 
 def mean_sd(values, fmt):
     if len(values) == 1:
