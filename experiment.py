@@ -335,7 +335,7 @@ def lr_sweep(args):
         sft_path = reference_run(root, seed, quick)
         reference = load_model(sft_path)
         for data, methods in SWEEP.items():
-            ref_chosen = measure(reference, held_out[data], enc)[0]
+            ref_chosen = train.all_pair_logps(reference, held_out[data], enc, nullcontext(), CPU)[0]
             ref_predictors = predictors(reference, held_out[data], enc)
             for method in methods:
                 for lr in args.lrs:
@@ -348,7 +348,8 @@ def lr_sweep(args):
                            "reference_accuracy": summary["reference"]["gen_accuracy"],
                            "chosen": summary["trained"]["logratio/chosen"]}
                     if method == "dpo":
-                        chosen = measure(load_model(os.path.join(folder, "ckpt.pt")), held_out[data], enc)[0]
+                        policy = load_model(os.path.join(folder, "ckpt.pt"))
+                        chosen = train.all_pair_logps(policy, held_out[data], enc, nullcontext(), CPU)[0]
                         displacement = (chosen - ref_chosen).tolist()
                         row["spearman"] = {k: spearman(v, displacement) for k, v in ref_predictors.items()}
                     results.append(row)
