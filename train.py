@@ -93,6 +93,8 @@ class TrainConfig:
     sft_batch_size: int = knob(None, "its batch (default: 64, or fewer when the data has fewer pairs)")
     sft_lr: float = knob(None, "its peak learning rate (default: 1e-3)")
     sft_target_acc: float = knob(0.5, "SFT from random weights stops at this held-out accuracy (0: never)")
+    sft_check_every: int = knob(10, "it checks that accuracy every this many steps (it climbs from 10%% "
+                                    "to 70%% within 50 steps)")
     n_layer: int = knob(4, "transformer blocks",
                         group="the model, when it starts from random weights (else the --init checkpoint's shape)")
     n_head: int = knob(4, "attention heads")
@@ -361,6 +363,7 @@ def train(cfg):
     train_model = runtime.wrap_for_ranks(torch.compile(model) if cfg.compile else model, device)
     model.train()
     health = runtime.StepHealth(cfg.max_bad_steps, ckpt_path)  # counts non-finite steps
+    stop_rule = cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0
     t_start, t_last, tokens_since, start_step = time.time(), time.time(), 0, step
     with runtime.catch_signals() as stop:  # Ctrl-C or SIGTERM: checkpoint after the step, stop
         while step < cfg.steps:
@@ -405,15 +408,15 @@ def train(cfg):
                 runtime.log_row(metrics_path, row)
                 t_last, tokens_since = now, 0
 
-            # --- eval and checkpoint; SFT from random weights stops at its target accuracy
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            # --- eval and checkpoint; SFT from random weights stops at its target accuracy,
+            # checked every sft_check_every steps as well
+            if step % cfg.eval_every == 0 or step == cfg.steps or (stop_rule and step % cfg.sft_check_every == 0):
                 reached = False
                 if master:
                     metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
                     print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                     runtime.log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-                    reached = (cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0
-                               and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc)
+                    reached = stop_rule and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc
                 stop_early = runtime.any_rank(reached, device)  # rank 0's say
                 if stop_early:
                     print(f"SFT reached {cfg.sft_target_acc:.0%} generation accuracy on the eval problems: stopping")
@@ -466,7 +469,7 @@ def ensure_sft_reference(cfg):
     process and no more than the data has; --sft-steps, --sft-batch-size and --sft-lr override."""
     # the SFT recipe is the defaults; only what says which data, model and machine carries over
     keep = ("data", "eval_data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
-            "sft_target_acc", "max_bad_steps", "dropout") + MODEL_SHAPE
+            "sft_target_acc", "sft_check_every", "max_bad_steps", "dropout") + MODEL_SHAPE
     n_pairs = runtime.count_train_pairs(cfg.data, cfg.eval_data)  # without tokenizing them
     batch_size = cfg.sft_batch_size or max(1, min(64, n_pairs // runtime.rank_and_world()[1]))
     steps = cfg.sft_steps or max(1, min(600, math.ceil(3 * n_pairs / batch_size)))

@@ -92,7 +92,7 @@ def check_config(cfg):
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             refuse(f.name, "a finite number")
     for name in ("steps", "batch_size", "grad_accum", "lr", "beta", "eval_every", "log_every",
-                 "max_bad_steps", "n_layer", "n_head", "n_embd"):
+                 "sft_check_every", "max_bad_steps", "n_layer", "n_head", "n_embd"):
         if getattr(cfg, name) <= 0:
             refuse(name, "positive")
     for name in ("lam", "rpo_alpha", "grad_clip", "weight_decay"):  # --grad-clip 0: no clipping
@@ -522,7 +522,7 @@ def recipe_differences(cfg, ckpt, may_differ):
 
 # A run may change these on --resume; any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
-                     "max_bad_steps", "out", "compile", "export_hf", "ref_logps", "full_logits",
+                     "sft_check_every", "max_bad_steps", "out", "compile", "export_hf", "ref_logps", "full_logits",
                      "share_prompt"}
 
 
@@ -598,7 +598,9 @@ def claim_reference(sft_cfg, ckpt_path, run_cfg):
                 raise DataError(f"{e}; delete {folder} to train the reference again") from None
             may_differ = set(REFERENCE_MAY_DIFFER)
             if not (sft_cfg.sft_target_acc or ckpt["config"].get("sft_target_acc")):
-                may_differ.add("eval_every")
+                may_differ |= {"eval_every", "sft_check_every"}  # no stop rule: they change nothing
+            elif "sft_check_every" not in ckpt["config"]:  # made before the knob: checked at each eval
+                ckpt = {**ckpt, "config": {**ckpt["config"], "sft_check_every": ckpt["config"]["eval_every"]}}
             differ = recipe_differences(sft_cfg, ckpt, may_differ)
             if differ:
                 raise DataError(f"{ckpt_path} is an SFT reference made with another recipe: "

@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+import train
+from conftest import TINY_MODEL
+
 from data import load_tokenizer, tokenize_pairs, builtin_data, collate
 from dpop import preference_loss
 from model import GPT, GPTConfig
@@ -215,6 +218,26 @@ def test_the_sft_stage_fits_the_data(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--loss", "dpo", *tiny, "--seed", "3", "--sft-batch-size", "64"])
     assert "only 37 training pairs; lower --batch-size (for the SFT reference: --sft-batch-size)" in str(err.value)
+
+
+def test_sft_stops_at_its_target_accuracy_checked_every_sft_check_every_steps(tmp_path, monkeypatch):
+    """The stop rule reads generation accuracy on the eval problems, faked here to reach 60% at
+    its third call: SFT from random weights stops at step 9 (--sft-check-every 3), between two
+    evaluations (--eval-every 50), with a finished checkpoint. From --init it never stops early."""
+    calls = []
+
+    def fake_accuracy(model, enc, problems, ctx, device):
+        calls.append(len(problems))
+        return (0.6 if len(calls) >= 3 else 0.1), ["" for _ in problems]
+    monkeypatch.setattr(train, "generation_accuracy", fake_accuracy)
+    flags = [*TINY_MODEL, "--batch-size", "8", "--eval-every", "50", "--sft-check-every", "3"]
+    main(["--loss", "sft", *flags, "--steps", "20", "--out", str(tmp_path / "sft")])
+    assert [r["step"] for r in rows(tmp_path / "sft") if "eval/gen_accuracy" in r] == [3, 6, 9]
+    ckpt = load_checkpoint(str(tmp_path / "sft" / "ckpt.pt"))
+    assert (ckpt["step"], ckpt["done"]) == (9, True)
+    main(["--loss", "sft", *flags, "--steps", "6", "--init", str(tmp_path / "sft" / "ckpt.pt"),
+          "--out", str(tmp_path / "more")])
+    assert [r["step"] for r in rows(tmp_path / "more") if "eval/gen_accuracy" in r] == [6]
 
 
 def test_the_configuration_printed_is_the_model_that_trains(tiny_args, sft_ckpt, small_pairs, capsys):
