@@ -665,6 +665,10 @@ def print_config(cfg, model, device, dtype, world):
     print(f"training: {recipe}; {cfg.steps} steps of {cfg.batch_size * cfg.grad_accum * world} pairs "
           f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
           f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")
+    problems = (cfg.eval_data or cfg.data) in ("arith", "arith-hed")  # the data with known answers
+    if cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0 and problems:
+        print(f"stop rule: at {cfg.sft_target_acc:.0%} greedy accuracy on the eval problems, checked every "
+              f"{cfg.sft_check_every} steps (--sft-target-acc, --sft-check-every)")
     print(f"machine: {device}, {str(dtype).removeprefix('torch.')}; output {cfg.out}")
 
 def format_row(row, loss):

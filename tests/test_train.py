@@ -220,7 +220,7 @@ def test_the_sft_stage_fits_the_data(tmp_path, monkeypatch, capsys):
     assert "only 37 training pairs; lower --batch-size (for the SFT reference: --sft-batch-size)" in str(err.value)
 
 
-def test_sft_stops_at_its_target_accuracy_checked_every_sft_check_every_steps(tmp_path, monkeypatch):
+def test_sft_stops_at_its_target_accuracy_checked_every_sft_check_every_steps(tmp_path, monkeypatch, capsys):
     """The stop rule reads generation accuracy on the eval problems, faked here to reach 60% at
     its third call: SFT from random weights stops at step 9 (--sft-check-every 3), between two
     evaluations (--eval-every 50), with a finished checkpoint. From --init it never stops early."""
@@ -235,9 +235,11 @@ def test_sft_stops_at_its_target_accuracy_checked_every_sft_check_every_steps(tm
     assert [r["step"] for r in rows(tmp_path / "sft") if "eval/gen_accuracy" in r] == [3, 6, 9]
     ckpt = load_checkpoint(str(tmp_path / "sft" / "ckpt.pt"))
     assert (ckpt["step"], ckpt["done"]) == (9, True)
+    assert "stop rule: at 50% greedy accuracy on the eval problems, checked every 3 steps" in capsys.readouterr().out
     main(["--loss", "sft", *flags, "--steps", "6", "--init", str(tmp_path / "sft" / "ckpt.pt"),
           "--out", str(tmp_path / "more")])
     assert [r["step"] for r in rows(tmp_path / "more") if "eval/gen_accuracy" in r] == [6]
+    assert "stop rule" not in capsys.readouterr().out
 
 
 def test_the_configuration_printed_is_the_model_that_trains(tiny_args, sft_ckpt, small_pairs, capsys):
