@@ -48,8 +48,8 @@ import torch
 import train
 from extras.runtime import ArgumentParser, model_from_checkpoint
 from extras.speedups import complete
-from data import (answer_of, builtin_data, collate, edit_distance, load_preferences, load_tokenizer,
-                  tokenize_pairs)
+from data import answer_of, builtin_data, collate, edit_distance, load_tokenizer, tokenize_pairs
+from extras.formats import load_preferences
 from dpop import token_logps
 
 STAGE2 = ["--steps", "300", "--batch-size", "32"]  # the preference defaults, for all, and lr 2e-4:

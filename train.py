@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from data import DataError, answer_of, batch_indices, collate, load_data, load_tokenizer
 from dpop import LOSSES, chosen_nll, completion_logps, preference_loss, preference_metrics, sequence_logps
 from extras import runtime, speedups
+from extras.formats import read_data
 from extras.hf_gpt2 import save_hf_gpt2
 from model import GPT, GPTConfig
 
@@ -322,8 +323,9 @@ def train(cfg):
     enc = load_tokenizer(cfg.tokenizer)
     # runtime.load_init reads --init: a train.py checkpoint or Hugging Face GPT-2 weights
     model = build_model(cfg, enc, runtime.load_init(cfg.init) if cfg.init else None).to(device)
+    # extras/formats.read_data: the built-in splits, or a JSONL file's (and --eval-data's)
     train_pairs, eval_pairs, val_problems, test_problems = load_data(
-        cfg.data, cfg.eval_data, enc, model.config.block_size)
+        read_data(cfg.data, cfg.eval_data), enc, model.config.block_size, cfg.data)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     if global_batch > len(train_pairs):
         raise DataError(f"a global batch of {global_batch} pairs (--batch-size {cfg.batch_size} x --grad-accum "

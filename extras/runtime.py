@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import BUILTIN, DataError, answer_of, check_data_name, load_tokenizer, read_splits
+from data import BUILTIN, DataError, answer_of, load_tokenizer
+from extras.formats import check_data_name, read_splits
 from extras.hf_gpt2 import is_hf_spec, load_hf_init, save_hf_gpt2
 from model import GPT, GPTConfig
 

@@ -1,4 +1,4 @@
-"""data.py: tokenizers, JSONL records and their errors, the built-in data, truncation and collate."""
+"""data.py and extras/formats.py: tokenizers, JSONL records and their errors, the built-in data, truncation and collate."""
 import json
 import os
 import random
@@ -8,8 +8,8 @@ import tiktoken
 
 from conftest import GPT2_RANKS
 from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
-                  edit_distance, load_preferences, load_tokenizer, render_messages, split_conversation,
-                  split_shared_prompt, tokenize_pairs)
+                  edit_distance, load_tokenizer, tokenize_pairs)
+from extras.formats import load_preferences, render_messages, split_conversation, split_shared_prompt
 from extras.speedups import collate_shared
 
 E = 256  # end-of-text in the byte tokenizer

@@ -19,8 +19,9 @@ import torch
 
 import train
 from conftest import ROOT, TINY_MODEL
-from data import DataError, builtin_data, load_preferences, load_tokenizer, tokenize_pairs
+from data import DataError, builtin_data, load_tokenizer, tokenize_pairs
 from extras import runtime, speedups
+from extras.formats import load_preferences
 from extras.runtime import load_checkpoint
 from model import GPT, GPTConfig
 from train import TrainConfig, main

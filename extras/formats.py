@@ -1,0 +1,251 @@
+"""Your own preference data: JSON Lines files in the forms people download (explicit prompt,
+Anthropic HH's implicit prompt, TRL's conversations), and which data a run reads (--data,
+--eval-data): a built-in set from data.py or a file, split into train and held-out pairs.
+
+Not a lesson file: data.py's tokenize_pairs, collate and load_data take the records this module
+returns, whichever form they came from.
+"""
+import json
+import os
+import random
+
+from data import BUILTIN, DataError, builtin_data
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own data: records from JSON Lines
+
+def split_shared_prompt(chosen, rejected):
+    """The implicit-prompt form (Anthropic HH style): two full texts whose shared beginning is the
+    prompt. The longest common prefix is cut back to just before its last whitespace character,
+    so that the completions start where a word does and GPT-2's pre-tokenizer, which starts a
+    word's token at the space before it, splits the prompt exactly where it splits the whole text.
+        split_shared_prompt("Human: 2+2? Assistant: It is 4", "Human: 2+2? Assistant: It is 5")
+        -> ("Human: 2+2? Assistant: It is", " 4", " 5")
+    """
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    while n > 0 and not chosen[n - 1].isspace():
+        n -= 1
+    n = max(0, n - 1)  # before the whitespace
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# The conversational form's messages become text in Anthropic HH's template ("\n\nHuman: ..." and
+# "\n\nAssistant: ..."), with a "System" role added.
+ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+ASSISTANT = "\n\nAssistant:"  # the header that ends every conversational prompt
+
+
+def render_messages(messages):
+    r"""(role, content) pairs as text, each one "\n\n{name}: {content}":
+        render_messages([("user", "2+2?"), ("assistant", "It is 4.")]) -> "\n\nHuman: 2+2?\n\nAssistant: It is 4."
+    """
+    return "".join(f"\n\n{ROLE_NAMES[role]}: {content}" for role, content in messages)
+
+
+def read_messages(field, messages):
+    """A conversational field, a list of {"role", "content"} objects (other keys are ignored), as
+    (role, content) pairs. Raises DataError, without the file's location, if it is malformed."""
+    if not messages:
+        raise DataError(f"field {field!r} is an empty conversation; give it at least one message")
+    pairs = []
+    for i, m in enumerate(messages, start=1):
+        where = f"field {field!r}, message {i}"
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f'{where}: expected an object with "role" and "content", '
+                            f'e.g. {{"role": "user", "content": "Hi"}}')
+        if not isinstance(m["role"], str) or m["role"] not in ROLE_NAMES:
+            raise DataError(f"{where}: unknown role {m['role']!r}; use {', '.join(ROLE_NAMES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f'{where}: "content" must be a string (text only), not {type(m["content"]).__name__}')
+        pairs.append((m["role"], m["content"]))
+    return pairs
+
+
+def split_conversation(prompt, chosen, rejected):
+    r"""The conversational form (TRL's, and most downloadable preference sets'): prompt, chosen
+    and rejected are lists of (role, content) pairs from read_messages. The prompt is the
+    conversation so far plus the assistant's header, so each completion is the assistant's reply
+    alone, starting with a space (as in split_shared_prompt), and prompt + completion is exactly
+    render_messages of the whole conversation:
+        split_conversation([("user", "2+2?")], [("assistant", "It is 4.")], [("assistant", "It is 5.")])
+        -> ("\n\nHuman: 2+2?\n\nAssistant:", " It is 4.", " It is 5.")
+    With prompt None, chosen and rejected are whole conversations and the prompt is the messages
+    they share at the start (whole messages are compared, not characters):
+        split_conversation(None, [("user", "2+2?"), ("assistant", "It is 4.")],
+                                 [("user", "2+2?"), ("assistant", "It is 5.")])  -> the same
+    The reply must be assistant messages only (usually one; several are rendered one after the
+    other), so that the mask never trains the model to write the user's turns. Anything else
+    raises DataError, without the file's location.
+    """
+    n = 0  # the messages of chosen and rejected before their reply
+    if prompt is None:
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError("fields 'chosen' and 'rejected' differ from their first message; without "
+                            "'prompt', they must share the conversation before the assistant's reply")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    for field, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply:
+            raise DataError(f"field {field!r} has no message after the conversation it shares with the "
+                            f"other field; without 'prompt', each must end with its own assistant reply")
+        for i, (role, _) in enumerate(reply, start=n + 1):
+            if role != "assistant":
+                hint = ("chosen and rejected must share every message before the reply" if n else
+                        "the conversation before the reply belongs in 'prompt'")
+                raise DataError(f"field {field!r}, message {i}: a {role!r} message where the "
+                                f"assistant's reply should be; {hint}")
+    # the reply starts with the assistant's header, which ends the prompt: cut it off the completion
+    return (render_messages(prompt) + ASSISTANT, render_messages(chosen)[len(ASSISTANT):],
+            render_messages(rejected)[len(ASSISTANT):])
+
+
+def record_from_json(obj):
+    """One JSONL object as a record {"prompt", "chosen", "rejected"} of strings, whatever its form
+    (see load_preferences), or None when chosen and rejected are the same (no preference).
+    Raises DataError, without the file's location: load_preferences adds it."""
+    fields = ("prompt", "chosen", "rejected") if "prompt" in obj else ("chosen", "rejected")
+    kind = {str: "a string", list: "a list of messages"}
+    for field in fields:
+        if field not in obj:
+            raise DataError(f"missing field {field!r}")
+        if type(obj[field]) not in kind:
+            raise DataError(f"field {field!r} must be a string or a list of messages, "
+                            f"not {type(obj[field]).__name__}")
+        if type(obj[field]) is not type(obj[fields[0]]):
+            raise DataError(f"field {field!r} is {kind[type(obj[field])]} but {fields[0]!r} is "
+                            f"{kind[type(obj[fields[0]])]}; write {', '.join(fields)} all as strings "
+                            f"or all as lists of messages")
+    if isinstance(obj["chosen"], list):
+        messages = {field: read_messages(field, obj[field]) for field in fields}
+        if messages["chosen"] == messages["rejected"]:
+            return None
+        prompt, chosen, rejected = split_conversation(messages.get("prompt"), messages["chosen"],
+                                                      messages["rejected"])
+    else:
+        for field in ("chosen", "rejected"):
+            if not obj[field]:
+                raise DataError(f"field {field!r} is empty")
+        if obj["chosen"] == obj["rejected"]:
+            return None
+        if "prompt" in obj:
+            prompt, chosen, rejected = obj["prompt"], obj["chosen"], obj["rejected"]
+        else:
+            prompt, chosen, rejected = split_shared_prompt(obj["chosen"], obj["rejected"])
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def load_preferences(path, quiet=False):
+    r"""Read preference pairs from a JSON Lines file: one object per non-blank line, in one of three
+    forms (lines may mix them; other fields are ignored). A UTF-8 byte-order mark and Windows line
+    endings are accepted.
+    1. Strings "prompt", "chosen" and "rejected", taken as they are:
+        {"prompt": "12+30=", "chosen": "2+0=2; 1+3=4; answer 42", "rejected": "2+0=3; 1+3=4; answer 42"}
+    2. Strings "chosen" and "rejected" only, two full texts whose shared beginning is the prompt
+       (Anthropic HH; see split_shared_prompt):
+        {"chosen": "Human: 2+2? Assistant: It is 4", "rejected": "Human: 2+2? Assistant: It is 5"}
+        -> prompt "Human: 2+2? Assistant: It is", chosen " 4", rejected " 5"
+    3. Lists of messages (conversational, as in TRL), with or without "prompt" (see
+       split_conversation); "system" messages are allowed:
+        {"prompt": [{"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "assistant", "content": "It is 4."}],
+         "rejected": [{"role": "assistant", "content": "It is 5."}]}
+        -> prompt "\n\nHuman: 2+2?\n\nAssistant:", chosen " It is 4.", rejected " It is 5."
+        {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 4."}],
+         "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 5."}]}
+        -> the same
+
+    Args:
+        path: the file.
+        quiet: print no warning. (Lines without "prompt" whose chosen and rejected share no
+            beginning get an empty prompt, which is counted and warned about.)
+    Returns:
+        (records, n_identical): a list of dicts with string fields prompt, chosen and rejected,
+        and how many pairs were skipped because chosen and rejected were the same (they carry no
+        preference).
+    Raises:
+        DataError "path:line: what is wrong" for the first bad line, or for a file with no pairs.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
+    records, n_identical, n_no_prompt = [], 0, 0
+    for lineno, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{lineno}"
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not valid UTF-8 (byte {e.start}); save the file as UTF-8") from None
+        if not line:
+            continue
+        # a JSON array, or an object spread over several lines, is JSON but not JSON Lines
+        hint = ("; the format is JSON Lines: one object per line, no enclosing [ ]"
+                if line == "{" or line.startswith("[") else "")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}){hint}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object with prompt, chosen, rejected{hint}")
+        try:
+            record = record_from_json(obj)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        if record is None:
+            n_identical += 1
+        else:
+            records.append(record)
+            n_no_prompt += "prompt" not in obj and not record["prompt"]
+    if not records and n_identical:
+        raise DataError(f"{path}: no preference pairs in the file: all {n_identical} were skipped "
+                        f"because their chosen equals their rejected")
+    if not records:
+        raise DataError(f"{path}: no preference pairs in the file")
+    if n_no_prompt and not quiet:
+        print(f"warning: {path}: {n_no_prompt} of {len(records)} pairs have no \"prompt\" and chosen and "
+              f"rejected texts that share no beginning, so their prompt is empty; give those lines a "
+              f"\"prompt\" field")
+    return records, n_identical
+
+
+# ---------------------------------------------------------------------------------------------
+# Which data a run reads: a built-in set or a file
+
+def check_data_name(name, flag="--data"):
+    """DataError, in one line, unless name is a built-in data set or an existing file."""
+    if name not in BUILTIN and not os.path.isfile(name):
+        raise DataError(f"{flag} {name}: not a built-in data set ({', '.join(BUILTIN)}) nor an "
+                        f"existing file")
+
+
+def read_splits(name, flag="--data", quiet=False):
+    """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs with a fixed
+    5% (at most 256) held out for evaluation, and no test problems (no known answers). flag names
+    the command-line flag in error messages; quiet: no warnings printed."""
+    check_data_name(name, flag)
+    if name in BUILTIN:
+        ds = builtin_data(name)
+        return ds["train"], ds["eval"], ds["test"]
+    records, n_identical = load_preferences(name, quiet)
+    if n_identical and not quiet:
+        print(f"warning: skipped {n_identical} pairs of {name} whose chosen equals rejected")
+    random.Random(0).shuffle(records)
+    n_eval = min(256, len(records) // 20)
+    return records[n_eval:], records[:n_eval], []
+
+
+def read_data(data, eval_data=""):
+    """The (train, eval, test) splits a run reads: --data's; with --eval-data, all of --data
+    trains (its own held-out pairs too) and --eval-data's held-out split evaluates."""
+    train, held_out, test = read_splits(data, "--data")
+    if eval_data:
+        train = train + held_out
+        _, held_out, test = read_splits(eval_data, "--eval-data")
+    return train, held_out, test
