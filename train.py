@@ -411,11 +411,13 @@ def train(cfg):
                 t_last, tokens_since = now, 0
 
             # --- eval and checkpoint; SFT from random weights stops at its target accuracy,
-            # checked every sft_check_every steps as well
-            if step % cfg.eval_every == 0 or step == cfg.steps or (stop_rule and step % cfg.sft_check_every == 0):
+            # checked every sft_check_every steps as well (generation accuracy alone)
+            at_eval = step % cfg.eval_every == 0 or step == cfg.steps
+            if at_eval or (stop_rule and step % cfg.sft_check_every == 0):
                 reached = False
                 if master:
-                    metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, val_problems)
+                    metrics = evaluate(model, cfg, enc, ctx, device, eval_pairs if at_eval else [],
+                                       ref_eval_logps, val_problems)
                     print(f"eval step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
                     runtime.log_row(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
                     reached = stop_rule and metrics.get("gen_accuracy", 0.0) >= cfg.sft_target_acc

@@ -232,13 +232,16 @@ def test_sft_stops_at_its_target_accuracy_checked_every_sft_check_every_steps(tm
     monkeypatch.setattr(train, "generation_accuracy", fake_accuracy)
     flags = [*TINY_MODEL, "--batch-size", "8", "--eval-every", "50", "--sft-check-every", "3"]
     main(["--loss", "sft", *flags, "--steps", "20", "--out", str(tmp_path / "sft")])
-    assert [r["step"] for r in rows(tmp_path / "sft") if "eval/gen_accuracy" in r] == [3, 6, 9]
+    checks = [r for r in rows(tmp_path / "sft") if "eval/gen_accuracy" in r]
+    assert [r["step"] for r in checks] == [3, 6, 9]
+    assert all("eval/chosen_nll" not in r for r in checks)  # a check between evals: accuracy alone
     ckpt = load_checkpoint(str(tmp_path / "sft" / "ckpt.pt"))
     assert (ckpt["step"], ckpt["done"]) == (9, True)
     assert "stop rule: at 50% greedy accuracy on the eval problems, checked every 3 steps" in capsys.readouterr().out
     main(["--loss", "sft", *flags, "--steps", "6", "--init", str(tmp_path / "sft" / "ckpt.pt"),
           "--out", str(tmp_path / "more")])
-    assert [r["step"] for r in rows(tmp_path / "more") if "eval/gen_accuracy" in r] == [6]
+    evals = [r for r in rows(tmp_path / "more") if "eval/gen_accuracy" in r]
+    assert [r["step"] for r in evals] == [6] and "eval/chosen_nll" in evals[0]
     assert "stop rule" not in capsys.readouterr().out
 
 
