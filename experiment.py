@@ -34,8 +34,10 @@ al.'s CHES score, and the index of the first differing token.
 --lr-sweep reuses the grid's references and its lr 2e-4 runs (same --out), and writes
 <out>/lr-sweep.md and assets/lr-sweep.png.
 """
+import dataclasses
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -88,6 +90,9 @@ def parse_args(argv=None):
                         "(default out/demo-range)")
     p.add_argument("--kernels", nargs="+", default=["default", "avx2"],
                    help="with --demo-range: values of ATEN_CPU_CAPABILITY, torch's CPU kernel path")
+    p.add_argument("--train-flags", default="", metavar="FLAGS",
+                   help="with --demo-range: more train.py flags for each of its runs, in one string "
+                        "(e.g. '--sft-check-every 10'); use another --out for another recipe")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="with --demo-range: runs at once, one thread each (default: the CPU count)")
     args = p.parse_args(argv)
@@ -98,6 +103,14 @@ def parse_args(argv=None):
         p.error(f"--lrs {' '.join(map(str, args.lrs))}: each learning rate must be in (0, 1)")
     args.lrs = sorted(set(args.lrs))
     if args.demo_range:
+        try:  # a bad flag for train.py stops here, in one line, not in the first run's log
+            given, default = train.parse_args(shlex.split(args.train_flags)), train.parse_args([])
+            train.resolve(dataclasses.replace(given, loss="sft"))
+        except (ValueError, train.DataError) as e:
+            p.error(f"--train-flags {args.train_flags!r}: {e}")
+        for name in ("loss", "init", "seed", "out", "resume"):
+            if getattr(given, name) != getattr(default, name):
+                p.error(f"--train-flags: --{name} is set by --demo-range for each run")
         args.seeds = args.seeds or list(range(1, 11))
         args.out = args.out or "out/demo-range"
         return args
@@ -602,8 +615,10 @@ def demo_job(args, kernel, seed):
         if not os.path.exists(os.path.join(folder, "summary.json")):
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, "train.log"), "w") as log:
-                cmd = [sys.executable, os.path.join(HERE, "train.py"), *flags, "--seed", str(seed), "--out", folder]
-                subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+                cmd = [sys.executable, os.path.join(HERE, "train.py"), *shlex.split(args.train_flags),
+                       *flags, "--seed", str(seed), "--out", folder]  # the range's own flags come last
+                if subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+                    sys.exit(f"error: {' '.join(cmd[1:])} failed; its output is in {log.name}")
         rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
         result[name] = {"summary": json.load(open(os.path.join(folder, "summary.json"))),
                         "eval": [r for r in rows if "eval/gen_accuracy" in r]}

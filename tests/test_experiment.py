@@ -111,3 +111,17 @@ def test_token_view_is_zero_for_the_reference_and_sums_to_the_sequence_change():
     before = deltas[0][:11] + deltas[1][:8]
     assert abs(view["before"] - sum(before) / len(before)) < 1e-6
     assert abs(view["at"] - (deltas[0][11] + deltas[1][8]) / 2) < 1e-6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr-sweep", "--lrs", "0"], "--lrs 0.0: each learning rate must be in (0, 1)"),
+    (["--demo-range", "--train-flags=--steps 0"], "--steps must be positive, got 0"),
+    (["--demo-range", "--train-flags=--los dpo"], "--train-flags: --loss is set by --demo-range for each run"),
+    (["--demo-range", "--train-flags='--seed"], "No closing quotation"),
+    (["--demo-range", "--jobs"], "--jobs: expected one argument"),
+])
+def test_a_bad_flag_is_one_error_line(argv, message):
+    with pytest.raises(SystemExit) as exit:
+        experiment.parse_args(argv)
+    err = str(exit.value.code)  # what the interpreter prints to stderr as it exits
+    assert err.startswith("error: ") and message in err and "\n" not in err
