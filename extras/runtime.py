@@ -523,8 +523,8 @@ def recipe_differences(cfg, ckpt, may_differ):
 
 # A run may change these on --resume; any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = {"steps", "eval_every", "log_every", "resume", "device", "sft_target_acc",
-                     "sft_check_every", "max_bad_steps", "out", "compile", "export_hf", "ref_logps", "full_logits",
-                     "share_prompt"}
+                     "sft_check_every", "max_bad_steps", "out", "compile", "export_hf", "ref_logps",
+                     "full_logits", "share_prompt"}
 
 
 def check_resume(cfg, ckpt):
@@ -666,7 +666,7 @@ def print_config(cfg, model, device, dtype, world):
     print(f"training: {recipe}; {cfg.steps} steps of {cfg.batch_size * cfg.grad_accum * world} pairs "
           f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
           f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")
-    problems = (cfg.eval_data or cfg.data) in ("arith", "arith-hed")  # the data with known answers
+    problems = (cfg.eval_data or cfg.data) in BUILTIN  # the data with known answers
     if cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0 and problems:
         print(f"stop rule: at {cfg.sft_target_acc:.0%} greedy accuracy on the eval problems, checked every "
               f"{cfg.sft_check_every} steps (--sft-target-acc, --sft-check-every)")
