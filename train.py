@@ -41,20 +41,15 @@ from model import GPT, GPTConfig
 # ---------------------------------------------------------------------------------------------
 # Every knob, with its default and its --help text; flags are generated from it (--batch-size).
 
-def knob(default, help, group=None):
-    """A field with its --help text; a group title starts a new group of flags in --help."""
-    return dataclasses.field(default=default, metadata={"help": help, **({"group": group} if group else {})})
-
+knob = runtime.knob  # a dataclass field that carries its --help text (and starts a group of flags)
 
 # a flag left unset (None) takes its stage's default: SFT, or a preference loss
 STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
                   "preference": dict(steps=300, batch_size=32, lr=2e-4)}
 
 
-def stage_default(name):
-    values = (STAGE_DEFAULTS[stage][name] for stage in ("sft", "preference"))
-    return "sft {}, a preference loss {}".format(*(f"{v:.0e}".replace("e-0", "e-") if isinstance(v, float)
-                                                   else v for v in values))
+def stage_default(name):  # for --help: "sft 600, a preference loss 300"
+    return runtime.stage_help(STAGE_DEFAULTS, name)
 
 
 @dataclass
@@ -94,8 +89,7 @@ class TrainConfig:
     sft_batch_size: int = knob(None, "its batch (default: 64, or fewer when the data has fewer pairs)")
     sft_lr: float = knob(None, "its peak learning rate (default: 1e-3)")
     sft_target_acc: float = knob(0.5, "SFT from random weights stops at this held-out accuracy (0: never)")
-    sft_check_every: int = knob(50, "it checks that accuracy every this many steps (10 lands nearer the "
-                                    "target: the accuracy can climb from 10%% to 70%% within 50 steps)")
+    sft_check_every: int = knob(50, "it checks that accuracy every this many steps (10 lands nearer the target)")
     n_layer: int = knob(4, "transformer blocks",
                         group="the model, when it starts from random weights (else the --init checkpoint's shape)")
     n_head: int = knob(4, "attention heads")
@@ -327,10 +321,7 @@ def train(cfg):
     train_pairs, eval_pairs, val_problems, test_problems = load_data(
         read_data(cfg.data, cfg.eval_data), enc, model.config.block_size, cfg.data)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    if global_batch > len(train_pairs):
-        raise DataError(f"a global batch of {global_batch} pairs (--batch-size {cfg.batch_size} x --grad-accum "
-                        f"{cfg.grad_accum} x {world} process{'es' * (world > 1)}) but only {len(train_pairs)} training pairs; "
-                        f"lower --batch-size" + (" (for the SFT reference: --sft-batch-size)" if cfg.loss == "sft" else ""))
+    runtime.check_global_batch(cfg, world, len(train_pairs))  # one line if the data has fewer pairs
     runtime.print_config(cfg, model, device, dtype, world)  # a few readable lines: what trains, how
 
     # The reference: a frozen copy of the starting model. Its held-out figures are computed once;
@@ -449,18 +440,14 @@ def train(cfg):
 def summarize(cfg, model, enc, ctx, device, eval_pairs, ref_eval_logps, ref_test, problems):
     """Reference vs trained on held-out data; printed, written to <out>/summary.json, returned.
     ref_test: the reference's (accuracy, completions) on the test problems, or (None, None)."""
-    trained = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems=[])
+    trained, texts = evaluate(model, cfg, enc, ctx, device, eval_pairs, ref_eval_logps, problems=[]), None
     if problems:  # evaluate's last figure, computed here to keep the completions for the examples
         trained["gen_accuracy"], texts = generation_accuracy(model, enc, problems, ctx, device)
     summary = {"trained": trained}
-    if cfg.init:
+    if cfg.init:  # the reference's accuracy on the test problems (none where answers are unknown)
         summary["reference"] = {} if ref_test[0] is None else {"gen_accuracy": ref_test[0]}
-    runtime.write_atomically(os.path.join(cfg.out, "summary.json"),  # whole, or not at all
-                             lambda f: f.write(json.dumps(summary, indent=1).encode()))
-    runtime.print_summary(summary, cfg.loss, ref_eval_logps, len(eval_pairs), len(problems))  # a table
-    if ref_test[1] is not None:  # three test problems, each with both models' completions
-        runtime.print_examples(problems[:3], {"reference": ref_test[1], "trained": texts},
-                               "the first 3 test problems, greedy completions")
+    # runtime.report: summary.json (whole or not at all), a table, three test problems' completions
+    runtime.report(summary, cfg, ref_eval_logps, eval_pairs, problems, ref_test[1], texts)
     return summary
 
 
@@ -474,9 +461,7 @@ def ensure_sft_reference(cfg):
     # the SFT recipe is the defaults; only what says which data, model and machine carries over
     keep = ("data", "eval_data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
             "sft_target_acc", "sft_check_every", "max_bad_steps", "dropout") + MODEL_SHAPE
-    n_pairs = runtime.count_train_pairs(cfg.data, cfg.eval_data)  # without tokenizing them
-    batch_size = cfg.sft_batch_size or max(1, min(64, n_pairs // runtime.rank_and_world()[1]))
-    steps = cfg.sft_steps or max(1, min(600, math.ceil(3 * n_pairs / batch_size)))
+    steps, batch_size = runtime.sft_length(cfg)  # 3 passes over the data (at most 600), batch <= 64
     sft_cfg = resolve(TrainConfig(loss="sft", steps=steps, batch_size=batch_size, lr=cfg.sft_lr,
                                   **{k: getattr(cfg, k) for k in keep}))
     path = os.path.join(sft_cfg.out, "ckpt.pt")

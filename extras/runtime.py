@@ -57,6 +57,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return action.help + (" (default: %(default)s)" if shown and "default" not in action.help else "")
 
 
+def knob(default, help, group=None):
+    """A config dataclass field with its --help text; a group title starts a new group of flags."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"group": group} if group else {})})
+
+
+def stage_help(stage_defaults, name):
+    """A knob's default in each stage, for --help: "sft 600, a preference loss 300"."""
+    values = (stage_defaults[stage][name] for stage in ("sft", "preference"))
+    return "sft {}, a preference loss {}".format(*(f"{v:.0e}".replace("e-0", "e-") if isinstance(v, float)
+                                                   else v for v in values))
+
+
 def parse_config(config_class, argv, description, choices, epilog=None):
     """An instance of config_class (a dataclass whose fields carry their --help text in
     metadata["help"]) from the command line: --batch-size for batch_size; a bool field is a
@@ -134,6 +146,16 @@ def check_config(cfg):
     # absent checkpoint may be right: claim_reference decides.
     if cfg.resume and (cfg.loss == "sft" or cfg.init) and not os.path.isfile(os.path.join(cfg.out, "ckpt.pt")):
         raise DataError(nothing_to_resume(cfg.out))
+
+
+def check_global_batch(cfg, world, n_pairs):
+    """One step reads batch_size x grad_accum x world distinct pairs: refuse, in one line that
+    names the flag to lower, data with fewer training pairs than that."""
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    if global_batch > n_pairs:
+        raise DataError(f"a global batch of {global_batch} pairs (--batch-size {cfg.batch_size} x --grad-accum "
+                        f"{cfg.grad_accum} x {world} process{'es' * (world > 1)}) but only {n_pairs} training pairs; "
+                        f"lower --batch-size" + (" (for the SFT reference: --sft-batch-size)" if cfg.loss == "sft" else ""))
 
 
 def check_writable(folder, flag):
@@ -647,11 +669,14 @@ def log_row(path, row):
 # ---------------------------------------------------------------------------------------------
 # What a run prints: its configuration, one line per logged step, and the summary
 
-def count_train_pairs(data, eval_data):
-    """How many training pairs --data (with --eval-data) gives, before tokenizing: what the
-    default SFT stage sizes its batch and its length by."""
-    train, held_out, _ = read_splits(data, "--data", quiet=True)
-    return len(train) + (len(held_out) if eval_data else 0)
+def sft_length(cfg):
+    """The default SFT reference's (steps, batch size) for a preference run's data: a batch of at
+    most 64 pairs per process and no more than the data has, 3 passes over the data and at most
+    600 steps; --sft-steps and --sft-batch-size override. The pairs are counted, not tokenized."""
+    train, held_out, _ = read_splits(cfg.data, "--data", quiet=True)
+    n_pairs = len(train) + (len(held_out) if cfg.eval_data else 0)  # --eval-data: all of --data trains
+    batch_size = cfg.sft_batch_size or max(1, min(64, n_pairs // rank_and_world()[1]))
+    return cfg.sft_steps or max(1, min(600, math.ceil(3 * n_pairs / batch_size))), batch_size
 
 
 def print_config(cfg, model, device, dtype, world):
@@ -686,10 +711,13 @@ def format_row(row, loss):
                    f" | {row['tokens_per_s']:.0f} tok/s")
 
 
-def print_summary(summary, loss, ref_eval_logps, n_pairs, n_problems):
-    """train.summarize's figures as a small table: reference vs trained on held-out data."""
-    trained = summary["trained"]
-    print(f"--- summary ({loss}; held-out: {n_pairs} eval pairs" +
+def report(summary, cfg, ref_eval_logps, eval_pairs, problems, ref_texts, texts):
+    """train.summarize's output: <out>/summary.json, written whole or not at all; its figures as a
+    small table, reference vs trained on held-out data; and, when the reference's completions of
+    the test problems are known (ref_texts), the first three problems with both models' ones."""
+    write_atomically(os.path.join(cfg.out, "summary.json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    trained, n_pairs, n_problems = summary["trained"], len(eval_pairs), len(problems)
+    print(f"--- summary ({cfg.loss}; held-out: {n_pairs} eval pairs" +
           (f", {n_problems} test problems)" if n_problems else ")"))
     if "gen_accuracy" in trained:
         ref_acc = summary.get("reference", {}).get("gen_accuracy")
@@ -705,6 +733,9 @@ def print_summary(summary, loss, ref_eval_logps, n_pairs, n_problems):
                   f"{trained['logps/' + which]:.2f} vs reference {ref_eval_logps[i].mean():.2f})")
         print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
         print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
+    if ref_texts is not None:
+        print_examples(problems[:3], {"reference": ref_texts, "trained": texts},
+                       "the first 3 test problems, greedy completions")
 
 
 def print_examples(problems, completions, title):
