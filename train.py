@@ -18,7 +18,6 @@ GPT-2 weights, speed levers) lives in extras/; each call into it says what it do
 """
 import copy
 import dataclasses
-import json
 import math
 import os
 import random
