@@ -676,9 +676,12 @@ def test_sigint_to_one_torchrun_rank_stops_both_and_resume_continues(tmp_path, s
     # rank 0 was not signalled itself: it stops because rank 1 was, and says so once
     assert output.count("stopped at step") == 1 and f"stopped at step {step} by SIGTERM" in output
     assert [r["step"] for r in comparable(stopped) if "loss" in r][-1] == step
-    # torchrun's report: rank 1 left with 130; rank 0 with 143, or torchrun's own SIGTERM (-15)
-    # when rank 1 left first (both were past the barrier that follows the checkpoint)
-    assert "exitcode  : 130" in output and re.search(r"exitcode  : (143|-15) ", output), output[-3000:]
+    # torchrun's report: each rank leaves on its own, rank 1 with 130 (SIGINT), rank 0 with 143 (it
+    # stops as for SIGTERM), except that once both are past the barrier after the checkpoint,
+    # torchrun ends whichever rank is still running with its own SIGTERM (-15): rank 1 or rank 0,
+    # by the scheduler's timing. A crash (exit code 1), or both ranks killed, fails here.
+    codes = set(re.findall(r"exitcode  : (-?\d+) ", output))
+    assert codes and codes <= {"130", "143", "-15"} and codes & {"130", "143"}, output[-3000:]
 
     resumed = subprocess.run(torchrun(*common, "--out", str(stopped), "--resume"), cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=300)
