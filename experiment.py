@@ -424,8 +424,10 @@ def plot_sweep(results, lrs, path):
         axes[1, col].axhline(0, color="grey", linewidth=0.5)
         axes[1, col].set_xlabel("peak learning rate (300 steps)")
         axes[1, col].set_xscale("log")
-    axes[0, 0].set_ylabel("generation accuracy (%), test problems")
-    axes[1, 0].set_ylabel("chosen log-prob change (nats), held-out pairs")
+        axes[1, col].set_xticks(lrs, [short(lr) for lr in lrs])  # the swept rates, no minor labels
+        axes[1, col].minorticks_off()
+    axes[0, 0].set_ylabel("generation accuracy (%),\ntest problems")
+    axes[1, 0].set_ylabel("chosen log-prob change (nats),\nheld-out pairs")
     axes[0, 0].legend()
     seeds = sorted({r["seed"] for r in results})
     fig.suptitle(f"DPO, DPOP and RPO across learning rates, mean over seeds {', '.join(map(str, seeds))} "
