@@ -320,7 +320,7 @@ def train(cfg):
     train_pairs, eval_pairs, val_problems, test_problems = load_data(
         read_data(cfg.data, cfg.eval_data), enc, model.config.block_size, cfg.data)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    runtime.check_global_batch(cfg, world, len(train_pairs))  # one line if the data has fewer pairs
+    runtime.check_global_batch(cfg, global_batch, world, len(train_pairs))  # one line if the data has fewer pairs
     runtime.print_config(cfg, model, device, dtype, world)  # a few readable lines: what trains, how
 
     # The reference: a frozen copy of the starting model. Its held-out figures are computed once;

@@ -148,10 +148,9 @@ def check_config(cfg):
         raise DataError(nothing_to_resume(cfg.out))
 
 
-def check_global_batch(cfg, world, n_pairs):
-    """One step reads batch_size x grad_accum x world distinct pairs: refuse, in one line that
-    names the flag to lower, data with fewer training pairs than that."""
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+def check_global_batch(cfg, global_batch, world, n_pairs):
+    """One step reads global_batch (batch_size x grad_accum x world) distinct pairs: refuse, in
+    one line that names the flag to lower, data with fewer training pairs than that."""
     if global_batch > n_pairs:
         raise DataError(f"a global batch of {global_batch} pairs (--batch-size {cfg.batch_size} x --grad-accum "
                         f"{cfg.grad_accum} x {world} process{'es' * (world > 1)}) but only {n_pairs} training pairs; "
