@@ -44,7 +44,7 @@ knob = runtime.knob  # a dataclass field that carries its --help text (and start
 
 # a flag left unset (None) takes its stage's default: SFT, or a preference loss
 STAGE_DEFAULTS = {"sft": dict(steps=600, batch_size=64, lr=1e-3),
-                  "preference": dict(steps=300, batch_size=32, lr=2e-4)}
+                  "preference": dict(steps=300, batch_size=32, lr=4e-4)}
 
 
 def stage_default(name):  # for --help: "sft 600, a preference loss 300"
@@ -88,7 +88,7 @@ class TrainConfig:
     sft_batch_size: int = knob(None, "its batch (default: 64, or fewer when the data has fewer pairs)")
     sft_lr: float = knob(None, "its peak learning rate (default: 1e-3)")
     sft_target_acc: float = knob(0.5, "SFT from random weights stops at this held-out accuracy (0: never)")
-    sft_check_every: int = knob(50, "it checks that accuracy every this many steps (10 lands nearer the target)")
+    sft_check_every: int = knob(10, "it checks that accuracy every this many steps (each check: one greedy pass)")
     n_layer: int = knob(4, "transformer blocks",
                         group="the model, when it starts from random weights (else the --init checkpoint's shape)")
     n_head: int = knob(4, "attention heads")

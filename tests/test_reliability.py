@@ -229,7 +229,7 @@ def claimed(sft_cfg, run_cfg):
     # the issue's case: a smoke run's reference, then the demo's shape
     ({"n_layer": 1, "n_head": 2, "n_embd": 32}, {}, "n_layer (1 -> 4), n_head (2 -> 4), n_embd (32 -> 128)"),
     ({}, {"eval_every": 7}, "eval_every (50 -> 7)"),  # SFT stops at its target accuracy: at an eval
-    ({}, {"sft_check_every": 10}, "sft_check_every (50 -> 10)"),  # ... or at a check between evals
+    ({}, {"sft_check_every": 50}, "sft_check_every (10 -> 50)"),  # ... or at a check between evals
     ({"sft_target_acc": 0.0}, {"sft_target_acc": 0.0, "sft_check_every": 7}, None),
     ({}, {"dtype": "float32"}, "dtype ('auto' -> 'float32')"),
     ({}, {"seed": 1}, "seed (1337 -> 1)"),
@@ -250,15 +250,15 @@ def test_the_reference_is_reused_only_with_the_same_recipe(tmp_path, made_with, 
 def test_a_reference_from_before_sft_check_every_was_checked_at_each_eval(tmp_path):
     """A checkpoint without the knob stopped on a check at each --eval-every: it is reused only
     when the two intervals agree."""
-    fake_reference(sft_config(tmp_path, eval_every=10))
+    fake_reference(sft_config(tmp_path, eval_every=50))
     path = os.path.join(tmp_path, "sft", "ckpt.pt")
     ckpt = runtime.load_checkpoint(path)
     del ckpt["config"]["sft_check_every"]
     runtime.save_checkpoint(path, ckpt)
     run_cfg = TrainConfig(loss="dpop", out=str(tmp_path / "dpop"))
-    with pytest.raises(DataError, match=r"another recipe: sft_check_every \(10 -> 50\);"):
-        claimed(sft_config(tmp_path, eval_every=10), run_cfg)
-    assert claimed(sft_config(tmp_path, eval_every=10, sft_check_every=10), run_cfg) is True
+    with pytest.raises(DataError, match=r"another recipe: sft_check_every \(50 -> 10\);"):
+        claimed(sft_config(tmp_path, eval_every=50, sft_check_every=10), run_cfg)
+    assert claimed(sft_config(tmp_path, eval_every=50, sft_check_every=50), run_cfg) is True
 
 
 def test_a_reference_trained_on_an_edited_file_is_refused(tmp_path, small_pairs):

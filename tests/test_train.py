@@ -274,5 +274,5 @@ def test_help_groups_every_flag_and_shows_the_stage_defaults(capsys):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert "optimizer steps (default: sft 600, a preference loss 300)" in text
-    assert "peak learning rate (default: sft 1e-3, a preference loss 2e-4)" in text
+    assert "peak learning rate (default: sft 1e-3, a preference loss 4e-4)" in text
     assert "--rpo-alpha RPO_ALPHA RPO's weight" in text and "(default: None)" not in text
