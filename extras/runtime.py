@@ -525,7 +525,10 @@ def recipe_differences(cfg, ckpt, may_differ):
     # a knob newer than the checkpoint counts as set to its default there
     old = {**{f.name: f.default for f in dataclasses.fields(cfg)}, **ckpt["config"]}
     new = dataclasses.asdict(cfg)
-    skip = set(may_differ) | {"batch_size", "grad_accum"}
+    now = file_digests(cfg)
+    # a file with the recorded contents is the same input however its path is spelled (./a, /x/a)
+    same_files = {k for k in now if ckpt.get("files", {}).get(k) == now[k]}
+    skip = set(may_differ) | {"batch_size", "grad_accum"} | same_files
     differ = [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in new.items() if k not in skip and old.get(k) != v]
 
     def global_batch(c, processes):  # (pairs, how they are split)
@@ -536,7 +539,6 @@ def recipe_differences(cfg, ckpt, may_differ):
     if old_batch != new_batch:
         differ.append(f"global batch ({old_split} -> {new_split})")
     if "files" in ckpt:
-        now = file_digests(cfg)
         differ += [f"the contents of {new[k]}" for k in sorted(set(now) | set(ckpt["files"]))
                    if old.get(k) == new[k] and ckpt["files"].get(k) != now.get(k)]
     return differ
@@ -596,6 +598,12 @@ REFERENCE_MAY_DIFFER = {"out", "resume", "export_hf", "log_every", "max_bad_step
                         "ref_logps", "full_logits", "share_prompt"}
 
 
+def has_stop_rule(config):
+    """Whether SFT with this config (a dict) stops at its target accuracy: only the built-in data
+    has problems to measure that accuracy on."""
+    return bool(config.get("sft_target_acc")) and (config.get("eval_data") or config.get("data")) in BUILTIN
+
+
 @contextmanager
 def claim_reference(sft_cfg, ckpt_path, run_cfg):
     """For a preference run (run_cfg) that starts from the default SFT reference at ckpt_path:
@@ -619,7 +627,7 @@ def claim_reference(sft_cfg, ckpt_path, run_cfg):
             except DataError as e:
                 raise DataError(f"{e}; delete {folder} to train the reference again") from None
             may_differ = set(REFERENCE_MAY_DIFFER)
-            if not (sft_cfg.sft_target_acc or ckpt["config"].get("sft_target_acc")):
+            if not (has_stop_rule(dataclasses.asdict(sft_cfg)) or has_stop_rule(ckpt["config"])):
                 may_differ |= {"eval_every", "sft_check_every"}  # no stop rule: they change nothing
             elif "sft_check_every" not in ckpt["config"]:  # made before the knob: checked at each eval
                 ckpt = {**ckpt, "config": {**ckpt["config"], "sft_check_every": ckpt["config"]["eval_every"]}}

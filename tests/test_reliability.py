@@ -271,6 +271,21 @@ def test_a_reference_trained_on_an_edited_file_is_refused(tmp_path, small_pairs)
         claimed(sft_config(tmp_path, data=str(data)), TrainConfig(loss="dpo", out=str(tmp_path / "dpo")))
 
 
+def test_a_reference_on_a_file_is_reused_however_its_path_is_spelled(tmp_path, small_pairs):
+    """The same contents under another spelling of the path (here /x/./pairs.jsonl) are the same
+    data; and a file has no problems to stop SFT at its target accuracy, so how often that stop
+    is checked does not matter either."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(open(small_pairs).read())
+    fake_reference(sft_config(tmp_path, data=str(data), sft_check_every=50, eval_every=25))
+    run_cfg = TrainConfig(loss="dpo", out=str(tmp_path / "dpo"))
+    assert claimed(sft_config(tmp_path, data=str(tmp_path / "." / "pairs.jsonl")), run_cfg) is True
+    other = tmp_path / "other.jsonl"
+    other.write_text(open(small_pairs).read().replace("answer", "result"))  # another data set
+    with pytest.raises(DataError, match=f"another recipe: data \\('{data}' -> '{other}'\\);"):
+        claimed(sft_config(tmp_path, data=str(other)), run_cfg)
+
+
 def test_reference_claim_cases(tmp_path):
     """An unfinished reference is continued, also with --resume (stage 2 has not started); a
     finished one with --resume and no stage-2 checkpoint has nothing to continue; an unreadable
