@@ -88,7 +88,7 @@ class TrainConfig:
     sft_batch_size: int = knob(None, "its batch (default: 64, or fewer when the data has fewer pairs)")
     sft_lr: float = knob(None, "its peak learning rate (default: 1e-3)")
     sft_target_acc: float = knob(0.5, "SFT from random weights stops at this held-out accuracy (0: never)")
-    sft_check_every: int = knob(10, "it checks that accuracy every this many steps (each check: one greedy pass)")
+    sft_check_every: int = knob(10, "it checks that accuracy every this many steps, by one greedy pass")
     n_layer: int = knob(4, "transformer blocks",
                         group="the model, when it starts from random weights (else the --init checkpoint's shape)")
     n_head: int = knob(4, "attention heads")
