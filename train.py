@@ -355,7 +355,7 @@ def train(cfg):
     train_model = runtime.wrap_for_ranks(torch.compile(model) if cfg.compile else model, device)
     model.train()
     health = runtime.StepHealth(cfg.max_bad_steps, ckpt_path)  # counts non-finite steps
-    stop_rule = cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0
+    stop_rule = runtime.has_stop_rule(vars(cfg))  # SFT from random weights, on data with problems
     t_start, t_last, tokens_since, start_step = time.time(), time.time(), 0, step
     with runtime.catch_signals() as stop:  # Ctrl-C or SIGTERM: checkpoint after the step, stop
         while step < cfg.steps:

@@ -599,9 +599,11 @@ REFERENCE_MAY_DIFFER = {"out", "resume", "export_hf", "log_every", "max_bad_step
 
 
 def has_stop_rule(config):
-    """Whether SFT with this config (a dict) stops at its target accuracy: only the built-in data
-    has problems to measure that accuracy on."""
-    return bool(config.get("sft_target_acc")) and (config.get("eval_data") or config.get("data")) in BUILTIN
+    """Whether a run with this config (a dict: vars(cfg), or a checkpoint's) is SFT from random
+    weights that stops at its target accuracy: only the built-in data has problems to measure
+    that accuracy on."""
+    return (config.get("loss") == "sft" and not config.get("init") and (config.get("sft_target_acc") or 0) > 0
+            and (config.get("eval_data") or config.get("data")) in BUILTIN)
 
 
 @contextmanager
@@ -627,7 +629,7 @@ def claim_reference(sft_cfg, ckpt_path, run_cfg):
             except DataError as e:
                 raise DataError(f"{e}; delete {folder} to train the reference again") from None
             may_differ = set(REFERENCE_MAY_DIFFER)
-            if not (has_stop_rule(dataclasses.asdict(sft_cfg)) or has_stop_rule(ckpt["config"])):
+            if not (has_stop_rule(vars(sft_cfg)) or has_stop_rule(ckpt["config"])):
                 may_differ |= {"eval_every", "sft_check_every"}  # no stop rule: they change nothing
             elif "sft_check_every" not in ckpt["config"]:  # made before the knob: checked at each eval
                 ckpt = {**ckpt, "config": {**ckpt["config"], "sft_check_every": ckpt["config"]["eval_every"]}}
@@ -698,8 +700,7 @@ def print_config(cfg, model, device, dtype, world):
     print(f"training: {recipe}; {cfg.steps} steps of {cfg.batch_size * cfg.grad_accum * world} pairs "
           f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
           f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")
-    problems = (cfg.eval_data or cfg.data) in BUILTIN  # the data with known answers
-    if cfg.loss == "sft" and not cfg.init and cfg.sft_target_acc > 0 and problems:
+    if has_stop_rule(vars(cfg)):
         print(f"stop rule: at {cfg.sft_target_acc:.0%} greedy accuracy on the eval problems, checked every "
               f"{cfg.sft_check_every} steps (--sft-target-acc, --sft-check-every)")
     print(f"machine: {device}, {str(dtype).removeprefix('torch.')}; output {cfg.out}")

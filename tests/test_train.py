@@ -245,6 +245,17 @@ def test_sft_stops_at_its_target_accuracy_checked_every_sft_check_every_steps(tm
     assert "stop rule" not in capsys.readouterr().out
 
 
+def test_sft_on_a_file_has_no_stop_rule_and_no_checks(tmp_path, small_pairs, capsys):
+    """A JSONL file has no problems to measure accuracy on: no stop-rule line, and no check rows
+    between evaluations (no empty "eval step N:" lines), only the evaluations."""
+    main(["--loss", "sft", *TINY_MODEL, "--data", small_pairs, "--batch-size", "8", "--steps", "8",
+          "--eval-every", "4", "--sft-check-every", "3", "--out", str(tmp_path / "sft")])
+    out = capsys.readouterr().out
+    assert "stop rule" not in out and "eval step 3" not in out and "eval step 6" not in out
+    evals = [r for r in rows(tmp_path / "sft") if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [4, 8] and all("eval/chosen_nll" in r for r in evals)
+
+
 def test_the_configuration_printed_is_the_model_that_trains(tiny_args, sft_ckpt, small_pairs, capsys):
     """With --init, the start-up lines give the checkpoint's shape, not the flags' defaults."""
     main(tiny_args("run", "--loss", "dpop", "--init", sft_ckpt, "--data", small_pairs, "--steps", "1"))
