@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 
 from data import collate
-from extras.runtime import ArgumentParser, HelpFormatter
+from extras.config import ArgumentParser, HelpFormatter
 from extras.speedups import (collate_shared, manual_attention, reference_train_logps,
                              sparse_embedding_grad, to_device)
 from model import GPT, GPTConfig

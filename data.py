@@ -270,13 +270,13 @@ def mean_edit_distance(pairs, max_pairs=1000):
 # ---------------------------------------------------------------------------------------------
 # Putting it together: what a run trains and evaluates on
 
-def load_data(splits, enc, block_size, name):
+def tokenize_splits(splits, enc, block_size, name):
     """What a run trains and evaluates on, tokenized; prints one line of counts.
 
     Args:
         splits: (train, eval, test): records for training and for evaluation, and test problems
             as (prompt, answer). builtin_data's splits, or those of a JSONL file (--data and
-            --eval-data are read by extras/formats.py: read_data).
+            --eval-data are read by extras/formats.py: run_splits).
         name: the data's name, for the messages.
     Returns:
         (train_pairs, eval_pairs, val_problems, test_problems): pairs from tokenize_pairs, and

@@ -1,4 +1,4 @@
-"""The maths of preference optimisation: sequence log-probs, the DPO/DPOP loss, and metrics.
+"""The maths of preference optimisation: sequence log-probs, the preference losses, and metrics.
 
 Pure functions of tensors. No model, optimizer or I/O lives here; train.py calls these and the
 tests pin them down. The notation follows the Smaug paper (Pal et al. 2024, arXiv 2402.13228,
@@ -13,20 +13,22 @@ the corrected revision of July 2024). For a prompt x, chosen completion yw and r
     RPO   loss = -log sigmoid(beta * d) - alpha * logp_policy(yw|x) / |yw|   (Pang et al. 2024)
 
 DPOP's penalty max(0, -c) is zero while the policy keeps the chosen completion at least as likely
-as the reference did, and it sits INSIDE the sigmoid, scaled by beta. (Earlier revisions of the
-paper circulated two other bracketings; this is the corrected one.) With lam = 0 DPOP is DPO.
-RPO is the other fix for a falling chosen log-prob, the one most trainers use now: DPO plus the
-chosen completion's negative log-likelihood per token (|yw| its number of tokens), an SFT term
-outside the sigmoid. With alpha = 0 RPO is DPO.
+as the reference did, and it sits INSIDE the sigmoid, scaled by beta (the corrected bracketing;
+earlier revisions circulated two others). With lam = 0 DPOP is DPO. RPO, the fix most trainers
+use now, adds the chosen completion's negative log-likelihood per token (|yw| its token count)
+outside the sigmoid; with alpha = 0 it is DPO.
 
-Read it in order: the textbook path first (sequence_logps, preference_loss, preference_metrics),
-then the faster equivalents that train.py uses by default (completion_logps and its helpers): the
-same sums without the logits that the loss throws away. Tests pin each fast one to the textbook one.
+A loss is one function and one entry in LOSSES that says what it needs (a reference model or
+not), its knobs and their defaults, and what it logs; train.py and extras/ ask the entry and never
+name a loss. To add one: its function, its entry, a line in KNOBS for a new knob, its tests.
+
+Read it in order: the textbook path (sequence_logps, the losses and LOSSES, preference_loss,
+preference_metrics), then the faster equivalents the loop uses (completion_logps and helpers).
 """
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
-
-LOSSES = ("dpo", "dpop", "rpo", "ipo", "hinge")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,79 +56,154 @@ def sequence_logps(logits, targets, mask):
     # exercise 2 ends
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                    ref_rejected_logps, loss="dpop", beta=0.1, lam=50.0, label_smoothing=0.0,
-                    alpha=1.0, chosen_lengths=None):
-    """Per-pair preference losses and the implicit rewards.
+class PairLogps(NamedTuple):
+    """What a loss reads, each (B,): the summed log-probs of the chosen and rejected completions
+    under the policy and the frozen reference (None for a loss without one), and the completions'
+    token counts (for the losses that average per token)."""
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor = None
+    ref_rejected_logps: torch.Tensor = None
+    chosen_lengths: torch.Tensor = None
+    rejected_lengths: torch.Tensor = None
+
+    @property
+    def chosen_logratios(self):  # c
+        return self.policy_chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self):  # r
+        return self.policy_rejected_logps - self.ref_rejected_logps
+
+
+# Each loss: a function of PairLogps and its knobs that returns the (B,) per-pair losses.
+
+def dpo_loss(x, beta, label_smoothing):
+    """-log sigmoid(beta*d); with label_smoothing eps > 0, conservative DPO (Mitchell 2023):
+    -(1-eps) log sigmoid(beta*d) - eps log sigmoid(-beta*d)."""
+    margins = x.chosen_logratios - x.rejected_logratios
+    return -(1 - label_smoothing) * F.logsigmoid(beta * margins) - label_smoothing * F.logsigmoid(-beta * margins)
+
+
+def dpop_loss(x, beta, lam):
+    """Smaug's DPOP: -log sigmoid(beta*(d - lam*max(0, -c))); lam = 0 gives DPO."""
+    # exercise 3 begins: the DPOP loss
+    chosen_logratios = x.chosen_logratios
+    margins = chosen_logratios - x.rejected_logratios
+    # max(0, logp_ref(yw) - logp_pi(yw)). relu, not clamp: at c = 0 (policy == reference, as
+    # at step 0) relu's gradient is 0 and the penalty is inactive, while clamp's would be 1
+    penalty = torch.relu(-chosen_logratios)
+    return -F.logsigmoid(beta * (margins - lam * penalty))
+    # exercise 3 ends
+
+
+def rpo_loss(x, beta, rpo_alpha):
+    """Pang et al.'s RPO: DPO plus rpo_alpha times chosen_nll; rpo_alpha = 0 gives DPO."""
+    return -F.logsigmoid(beta * (x.chosen_logratios - x.rejected_logratios)) + rpo_alpha * chosen_nll(x)
+
+
+def dpo_part(x, beta, **_):
+    """RPO's DPO part as its log shows it, -log sigmoid(beta*c - beta*r): from the two rewards."""
+    return -F.logsigmoid(beta * x.chosen_logratios - beta * x.rejected_logratios)
+
+
+def chosen_nll(x, **_):
+    """RPO's SFT term: the chosen completion's negative log-likelihood per token. A mean over its
+    tokens, not a sum, so that its scale does not grow with the completion's length."""
+    return -x.policy_chosen_logps / x.chosen_lengths
+
+
+def ipo_loss(x, beta):
+    """IPO (Azar et al. 2023): (d - 1/(2*beta))**2, with log-probs summed like the others."""
+    return (x.chosen_logratios - x.rejected_logratios - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(x, beta):
+    """The SLiC-style hinge (Zhao et al. 2023): max(0, 1 - beta*d)."""
+    return torch.relu(1 - beta * (x.chosen_logratios - x.rejected_logratios))
+
+
+class Loss(NamedTuple):
+    """A loss's entry: all that train.py and extras/ know of it."""
+    fn: Callable           # fn(PairLogps, **knobs) -> (B,) per-pair losses
+    reference: bool        # does it compare against a frozen reference model?
+    knobs: dict            # its knobs and their defaults; every loss has beta (its rewards' scale)
+    lengths: bool = False  # does it read the completions' token counts?
+    logs: dict = {}        # more per-pair terms to log: {metric name: fn(PairLogps, **knobs) -> (B,)}
+    shown: tuple = ()      # those of them the log line shows, by the name after the "/"
+
+
+LOSSES = {
+    "dpo": Loss(dpo_loss, True, {"beta": 0.1, "label_smoothing": 0.0}),
+    "dpop": Loss(dpop_loss, True, {"beta": 0.1, "lam": 50.0}),
+    "rpo": Loss(rpo_loss, True, {"beta": 0.1, "rpo_alpha": 1.0}, lengths=True,
+                logs={"loss/dpo": dpo_part, "loss/nll": chosen_nll}, shown=("loss/nll",)),
+    "ipo": Loss(ipo_loss, True, {"beta": 0.1}),
+    "hinge": Loss(hinge_loss, True, {"beta": 0.1}),
+}
+
+# Every knob of a loss: its --help text and the values it takes (train.py makes --rpo-alpha of
+# rpo_alpha; its default is the entry's of the loss that runs).
+KNOBS = {
+    "beta": ("inverse temperature: a larger beta keeps the policy closer to the reference", "positive"),
+    "lam": ("DPOP's penalty weight (the paper's value)", "zero or positive"),
+    "rpo_alpha": ("RPO's weight on the chosen completion's NLL per token (Pang et al.'s value)",
+                  "zero or positive"),
+    "label_smoothing": ("conservative DPO: assumed fraction of flipped labels", "in [0, 0.5)"),
+}
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                    loss="dpop", chosen_lengths=None, rejected_lengths=None, **knobs):
+    """Per-pair losses and implicit rewards of any loss in LOSSES.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) summed log-probs under the policy.
-        ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference.
-        loss: one of LOSSES.
-            "dpo":   -log sigmoid(beta*d). With label_smoothing eps > 0 it is conservative DPO
-                     (Mitchell 2023): -(1-eps) log sigmoid(beta*d) - eps log sigmoid(-beta*d).
-            "dpop":  -log sigmoid(beta*(d - lam*max(0, -c))), Smaug's DPOP; lam = 0 gives DPO.
-            "rpo":   -log sigmoid(beta*d) + alpha * chosen_nll(policy_chosen_logps,
-                     chosen_lengths), Pang et al.'s DPO + NLL; alpha = 0 gives DPO.
-            "ipo":   (d - 1/(2*beta))**2, Azar et al. 2023 (log-probs summed, like the others).
-            "hinge": max(0, 1 - beta*d), the SLiC-style hinge.
-        beta: the inverse temperature; how far from the reference the policy may move.
-        lam: DPOP's penalty weight. The paper uses 50 and found results insensitive in [5, 500].
-        label_smoothing: probability that a label is flipped; only "dpo" accepts it.
-        alpha: RPO's weight on the NLL term (Pang et al. use 1).
-        chosen_lengths: (B,) the number of tokens of each chosen completion; "rpo" needs it.
-
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the reference (None without one).
+        loss: a name in LOSSES.
+        chosen_lengths, rejected_lengths: (B,) the completions' token counts, for a loss that
+            averages per token.
+        knobs: the loss's knobs; one left out, or None, takes the entry's default.
     Returns:
         losses: (B,) per-pair loss, differentiable w.r.t. the policy log-probs.
-        chosen_rewards, rejected_rewards: (B,) beta * c and beta * r, detached (what DPO
-            trainers log as rewards/chosen and rewards/rejected).
+        chosen_rewards, rejected_rewards: (B,) detached, what DPO trainers log as rewards/chosen
+            and rewards/rejected: beta * c and beta * r (implicit_rewards).
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}: choose one of {', '.join(LOSSES)}")
-    if label_smoothing and loss != "dpo":
-        raise ValueError(f"label_smoothing applies to loss 'dpo' only, not {loss!r}")
-    if loss == "rpo" and chosen_lengths is None:
-        raise ValueError("loss 'rpo' needs chosen_lengths, the chosen completions' token counts")
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps        # c
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # r
-    margins = chosen_logratios - rejected_logratios                  # d
-
-    if loss == "dpo":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margins)
-                  - label_smoothing * F.logsigmoid(-beta * margins))
-    elif loss == "dpop":
-        # exercise 3 begins: the DPOP branch
-        # max(0, logp_ref(yw) - logp_pi(yw)). relu, not clamp: at c = 0 (policy == reference, as
-        # at step 0) relu's gradient is 0 and the penalty is inactive, while clamp's would be 1
-        penalty = torch.relu(-chosen_logratios)
-        losses = -F.logsigmoid(beta * (margins - lam * penalty))
-        # exercise 3 ends
-    elif loss == "rpo":
-        losses = -F.logsigmoid(beta * margins) + alpha * chosen_nll(policy_chosen_logps, chosen_lengths)
-    elif loss == "ipo":
-        losses = (margins - 1 / (2 * beta)) ** 2
-    else:  # hinge
-        losses = torch.relu(1 - beta * margins)
-
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
+    spec = LOSSES[loss]
+    unknown = [k for k, v in knobs.items() if k not in spec.knobs and v is not None]
+    if unknown:
+        raise ValueError(f"loss {loss!r} takes no {', '.join(unknown)} (its knobs: {', '.join(spec.knobs)})")
+    if spec.reference and ref_chosen_logps is None:
+        raise ValueError(f"loss {loss!r} needs the reference's log-probs")
+    if spec.lengths and chosen_lengths is None:
+        raise ValueError(f"loss {loss!r} needs chosen_lengths, the completions' token counts")
+    knobs = {k: default if knobs.get(k) is None else knobs[k] for k, default in spec.knobs.items()}
+    refs = (ref_chosen_logps, ref_rejected_logps) if spec.reference else (None, None)  # none read
+    x = PairLogps(policy_chosen_logps, policy_rejected_logps, *refs, chosen_lengths, rejected_lengths)
+    return spec.fn(x, **knobs), *implicit_rewards(x, knobs["beta"])
 
 
-def chosen_nll(policy_chosen_logps, chosen_lengths):
-    """RPO's SFT term: the chosen completion's negative log-likelihood per token, (B,). A mean
-    over its tokens, not a sum, so that its scale does not grow with the completion's length."""
-    return -policy_chosen_logps / chosen_lengths
+def implicit_rewards(x, beta):
+    """beta * c and beta * r, detached; without a reference, beta times the mean log-prob per
+    token (SimPO's reward, Meng et al. 2024)."""
+    if x.ref_chosen_logps is None:
+        return (beta * x.policy_chosen_logps.detach() / x.chosen_lengths,
+                beta * x.policy_rejected_logps.detach() / x.rejected_lengths)
+    return beta * x.chosen_logratios.detach(), beta * x.rejected_logratios.detach()
 
 
 def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,
-                       policy_rejected_logps, beta):
+                       policy_rejected_logps, beta, reference=True):
     """The standard DPO metrics for one batch, as a dict of Python floats.
 
     Args:
         chosen_rewards, rejected_rewards: (B,) from preference_loss.
         policy_chosen_logps, policy_rejected_logps: (B,) summed log-probs under the policy.
         beta: the same beta, to turn rewards back into log-ratios (nats).
+        reference: whether the rewards are beta times log-ratios to a reference (False for a
+            loss without one: then only TRL's names are returned).
 
     Returns:
         TRL's names (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
@@ -137,17 +214,19 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,
     """
     # exercise 4 begins: the preference metrics
     margins = chosen_rewards - rejected_rewards
-    return {
+    metrics = {
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
         "rewards/margins": margins.mean().item(),
         "rewards/accuracies": (margins > 0).float().mean().item(),
         "logps/chosen": policy_chosen_logps.detach().mean().item(),
         "logps/rejected": policy_rejected_logps.detach().mean().item(),
-        "logratio/chosen": (chosen_rewards / beta).mean().item(),
-        "logratio/rejected": (rejected_rewards / beta).mean().item(),
-        "penalty/active": (chosen_rewards < 0).float().mean().item(),
     }
+    if reference:
+        metrics["logratio/chosen"] = (chosen_rewards / beta).mean().item()
+        metrics["logratio/rejected"] = (rejected_rewards / beta).mean().item()
+        metrics["penalty/active"] = (chosen_rewards < 0).float().mean().item()
+    return metrics
     # exercise 4 ends
 
 
@@ -155,11 +234,10 @@ def preference_metrics(chosen_rewards, rejected_rewards, policy_chosen_logps,
 # Faster equivalents: the same sums from the completion positions' logits only
 
 def completion_logps(logits, targets, mask):
-    """The same sums as sequence_logps, from the logits of the completion positions only.
-
-    With long prompts, most positions are prompt or padding, whose logits sequence_logps throws
-    away. The model can compute just the masked ones (GPT.forward(idx, logits_at=mask)); then
-    the (B, T, V) logits and their float32 copy never exist, only (N, V).
+    """The same sums as sequence_logps, from the logits of the completion positions only: with
+    long prompts most positions are prompt or padding, whose logits sequence_logps throws away.
+    The model computes just the masked ones (GPT.forward(idx, logits_at=mask)), so the (B, T, V)
+    logits and their float32 copy never exist, only (N, V).
 
     Args:
         logits: (N, V) logits at the N positions where mask is true, in row-major order.
@@ -172,15 +250,8 @@ def completion_logps(logits, targets, mask):
 
 
 def summed_logps(logits, targets, seq, n_seq):
-    """Per-sequence sums of token log-probs, for tokens in any order or layout.
-
-    Args:
-        logits: (N, V) the logits that predict each of N tokens.
-        targets: (N,) the tokens' ids.
-        seq: (N,) the sequence each token belongs to, in 0..n_seq-1.
-    Returns:
-        (n_seq,) float32.
-    """
+    """Per-sequence sums of token log-probs, (n_seq,) float32, for tokens in any order or layout:
+    logits (N, V) predict N tokens whose ids are targets (N,), in sequences seq (N,), 0..n_seq-1."""
     return torch.zeros(n_seq, device=logits.device).index_add(0, seq, token_logps(logits, targets))
 
 

@@ -48,10 +48,11 @@ from contextlib import nullcontext, redirect_stdout
 import torch
 
 import train
-from extras.runtime import ArgumentParser, model_from_checkpoint
-from extras.speedups import complete
-from data import answer_of, builtin_data, collate, edit_distance, load_tokenizer, tokenize_pairs
-from extras.formats import load_preferences
+from extras.checkpoints import model_from_checkpoint
+from extras.config import ArgumentParser
+from extras.generation import complete
+from data import DataError, answer_of, builtin_data, collate, edit_distance, load_tokenizer, tokenize_pairs
+from extras.formats import parse_jsonl
 from dpop import token_logps
 
 SFT = ["--sft-check-every", "10"]  # the references: the demo's stop rule (near 50%)
@@ -106,7 +107,7 @@ def parse_args(argv=None):
         try:  # a bad flag for train.py stops here, in one line, not in the first run's log
             given, default = train.parse_args(shlex.split(args.train_flags)), train.parse_args([])
             train.resolve(dataclasses.replace(given, loss="sft"))
-        except (ValueError, train.DataError) as e:
+        except (ValueError, DataError) as e:
             p.error(f"--train-flags {args.train_flags!r}: {e}")
         for name in ("loss", "init", "seed", "out", "resume"):
             if getattr(given, name) != getattr(default, name):
@@ -296,7 +297,7 @@ def experiment(args):
         n_self = sample_self_pairs(reference, arith["train"][:quick["sampled"]], enc, seed, self_train)
         self_eval = os.path.join(root, "self-eval.jsonl")
         sample_self_pairs(reference, arith["eval"], enc, seed + 1, self_eval)
-        held_out["self"] = tokenize_pairs(load_preferences(self_eval)[0], enc, 64)[0]
+        held_out["self"] = tokenize_pairs(parse_jsonl(self_eval)[0], enc, 64)[0]
         print(f"  self: {n_self} of {quick['sampled']} sampled solutions were wrong", flush=True)
         ref_measures = {data: measure(reference, held_out[data], enc) for data in METHODS}  # once a seed
         ref_predictors = {data: predictors(reference, held_out[data], enc) for data in METHODS}

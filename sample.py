@@ -20,11 +20,12 @@ from contextlib import nullcontext
 import torch
 
 from data import DataError, answer_of, builtin_data, load_tokenizer
-from extras import runtime, speedups
+from extras import checkpoints, config, report
+from extras.generation import complete
 
 
 def parse_args(argv=None):
-    p = runtime.ArgumentParser(description=__doc__.split("\n")[0],
+    p = config.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="+", help="ckpt.pt files written by train.py")
     p.add_argument("--problems", type=int, default=5, help="how many held-out test problems (1 to 200)")
@@ -46,14 +47,14 @@ def names_of(paths):
 
 def completions(path, prompts, args):
     """The completions of prompts by the checkpoint at path, greedy or sampled as args say."""
-    model, ckpt = runtime.model_from_checkpoint(path)  # a DataError with one line if it is not one
+    model, ckpt = checkpoints.model_from_checkpoint(path)  # a DataError with one line if it is not one
     enc = load_tokenizer(ckpt["config"]["tokenizer"])  # the tokenizer it was trained with
     sampling = {}
     if args.temperature > 0:
         sampling = dict(temperature=args.temperature, top_k=args.top_k,
                         generator=torch.Generator().manual_seed(args.seed))
     # batched decoding: prompts of equal length are completed together
-    return speedups.complete(model, enc, prompts, nullcontext(), torch.device("cpu"),
+    return complete(model, enc, prompts, nullcontext(), torch.device("cpu"),
                              max_new_tokens=args.max_new_tokens, **sampling)
 
 
@@ -75,7 +76,7 @@ def main(argv=None):
     what = "your prompts" if args.prompt else f"the first {len(problems)} test problems of the built-in data"
     how = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}" + (
         f", top-k {args.top_k}" if args.top_k else "") + f", seed {args.seed}"
-    runtime.print_examples(problems, texts, f"{what}, {how}")
+    report.print_examples(problems, texts, f"{what}, {how}")
     if not args.prompt:
         width = max(map(len, texts))
         print(f"--- accuracy on these {len(problems)} problems")

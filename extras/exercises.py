@@ -38,10 +38,12 @@ HINTS = {
     1: "set mask to True on row i's completion targets: targets[i, t] is seq[t+1] (see the worked example above)",
     2: "gather each target's log-prob from logps and sum it over the positions where mask is true, "
        "ignoring whatever the other positions hold (even NaN): (B,) float32",
-    3: "the DPOP loss of the module docstring: the penalty max(0, -c) scaled by lam, inside the sigmoid; "
-       "at c = 0 the penalty's gradient must be 0",
+    3: "return the (B,) DPOP losses of the module docstring from x.chosen_logratios (c) and "
+       "x.rejected_logratios (r): the penalty max(0, -c) scaled by lam, inside the sigmoid; at c = 0 "
+       "the penalty's gradient must be 0",
     4: "return the dict the docstring lists (batch means as Python floats); logratio/chosen and "
-       "logratio/rejected are the rewards divided by beta",
+       "logratio/rejected are the rewards divided by beta, and they and penalty/active are left out "
+       "when reference is False",
     5: "backward the micro-batch's loss through scaler.scale, scaled so that the grad_accum "
        "micro-batches' gradients add up to the gradient of their mean",
 }

@@ -2,8 +2,10 @@
 Anthropic HH's implicit prompt, TRL's conversations), and which data a run reads (--data,
 --eval-data): a built-in set from data.py or a file, split into train and held-out pairs.
 
-Not a lesson file: data.py's tokenize_pairs, collate and load_data take the records this module
-returns, whichever form they came from.
+The path of a run's data reads one way, a name for each stage: run_splits (--data and
+--eval-data) -> splits_of (built-in or file) -> parse_jsonl (a file's lines as records) ->
+hold_out (the held-out share); then data.tokenize_splits tokenizes what run_splits returns. Not a
+lesson file: data.py takes the records, whichever form they came from.
 """
 import json
 import os
@@ -105,8 +107,8 @@ def split_conversation(prompt, chosen, rejected):
 
 def record_from_json(obj):
     """One JSONL object as a record {"prompt", "chosen", "rejected"} of strings, whatever its form
-    (see load_preferences), or None when chosen and rejected are the same (no preference).
-    Raises DataError, without the file's location: load_preferences adds it."""
+    (see parse_jsonl), or None when chosen and rejected are the same (no preference).
+    Raises DataError, without the file's location: parse_jsonl adds it."""
     fields = ("prompt", "chosen", "rejected") if "prompt" in obj else ("chosen", "rejected")
     kind = {str: "a string", list: "a list of messages"}
     for field in fields:
@@ -138,7 +140,7 @@ def record_from_json(obj):
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def load_preferences(path, quiet=False):
+def parse_jsonl(path, quiet=False):
     r"""Read preference pairs from a JSON Lines file: one object per non-blank line, in one of three
     forms (lines may mix them; other fields are ignored). A UTF-8 byte-order mark and Windows line
     endings are accepted.
@@ -225,27 +227,34 @@ def check_data_name(name, flag="--data"):
                         f"existing file")
 
 
-def read_splits(name, flag="--data", quiet=False):
-    """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs with a fixed
-    5% (at most 256) held out for evaluation, and no test problems (no known answers). flag names
-    the command-line flag in error messages; quiet: no warnings printed."""
+def splits_of(name, flag="--data", quiet=False):
+    """(train, eval, test) of a data set: the built-in splits; or a JSONL file's pairs parsed
+    (parse_jsonl) and a fixed share held out for evaluation (hold_out), with no test problems (no
+    known answers). flag names the command-line flag in error messages; quiet: no warnings."""
     check_data_name(name, flag)
     if name in BUILTIN:
         ds = builtin_data(name)
         return ds["train"], ds["eval"], ds["test"]
-    records, n_identical = load_preferences(name, quiet)
+    records, n_identical = parse_jsonl(name, quiet)
     if n_identical and not quiet:
         print(f"warning: skipped {n_identical} pairs of {name} whose chosen equals rejected")
+    return (*hold_out(records), [])
+
+
+def hold_out(records):
+    """(train, held-out) records: a fixed 5% (at most 256) of a shuffled copy held out."""
+    records = list(records)
     random.Random(0).shuffle(records)
     n_eval = min(256, len(records) // 20)
-    return records[n_eval:], records[:n_eval], []
+    return records[n_eval:], records[:n_eval]
 
 
-def read_data(data, eval_data=""):
-    """The (train, eval, test) splits a run reads: --data's; with --eval-data, all of --data
-    trains (its own held-out pairs too) and --eval-data's held-out split evaluates."""
-    train, held_out, test = read_splits(data, "--data")
+def run_splits(data, eval_data=""):
+    """The (train, eval, test) records a run reads: --data's splits; with --eval-data, all of
+    --data trains (its own held-out pairs too) and --eval-data's held-out split evaluates.
+    data.tokenize_splits then tokenizes them."""
+    train, held_out, test = splits_of(data, "--data")
     if eval_data:
         train = train + held_out
-        _, held_out, test = read_splits(eval_data, "--eval-data")
+        _, held_out, test = splits_of(eval_data, "--eval-data")
     return train, held_out, test

@@ -4,7 +4,7 @@ and hand its models to transformers. Not part of the lesson.
     python train.py --loss dpop --init gpt2 ...         # GPT-2 124M from the Hugging Face cache
     python train.py --init path/to/folder ...           # config.json + model.safetensors (or .bin)
     python train.py ... --export-hf hf_out              # after training, write hf_out/
-    python -c "from extras.runtime import export_checkpoint; export_checkpoint('out/dpop-arith-seed1337/ckpt.pt', 'hf')"
+    python -c "from extras.checkpoints import export_checkpoint; export_checkpoint('out/dpop-arith-seed1337/ckpt.pt', 'hf')"
 
 A small safetensors reader and writer of its own keeps the `safetensors` package out of the
 dependencies. Module names in model.py follow GPT-2's, so the mapping is a rename of prefixes and

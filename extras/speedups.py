@@ -8,7 +8,6 @@ and tests/test_speedups.py pins each one to the plain path. Not needed to follow
 - reference_train_logps (--ref-logps precompute): the reference's log-probs of every training pair
   computed once, cached in --out, so that the loop needs no reference forward pass.
 - to_device: pinned host memory, so a copy to a GPU overlaps with compute.
-- complete: prompts of equal length decoded together (evaluation's greedy completions).
 - manual_attention: the textbook attention that SDPA replaces (bench.py --manual-attention turns
   this lever off, to measure it).
 """
@@ -22,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from dpop import summed_logps
-from extras.runtime import rank_and_world, save_checkpoint
+from extras.distributed import rank_and_world
+from extras.files import save_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def reference_train_logps(ref, pairs, out, all_pair_logps):
 
 
 # ---------------------------------------------------------------------------------------------
-# Copies to the device, batched generation, attention
+# Copies to the device, attention
 
 def to_device(batch, device):
     """A collated batch (a NamedTuple of tensors) on device. Pinned memory lets the copy to a GPU
@@ -169,29 +169,6 @@ def to_device(batch, device):
     if device.type == "cuda":
         return type(batch)(*(t.pin_memory().to(device, non_blocking=True) for t in batch))
     return type(batch)(*(t.to(device) for t in batch))
-
-
-@torch.no_grad()
-def complete(model, enc, prompts, ctx, device, max_new_tokens=48, batch_size=512, **sampling):
-    """The model's completion of each prompt, as text, in prompt order: greedy, or sampled with
-    generate's temperature, top_k and generator. Prompts of equal token length are decoded
-    together, batch_size at a time (no padding needed): the same completions as one prompt at a
-    time, about 100x faster on the built-in problems."""
-    model.eval()
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        ids = [enc.eot_token] + enc.encode_ordinary(prompt)
-        by_length.setdefault(len(ids), []).append((i, ids))
-    texts = [None] * len(prompts)
-    for n, group in by_length.items():
-        for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
-            idx = torch.tensor([ids for _, ids in batch], device=device)
-            with ctx:
-                out = model.generate(idx, max_new_tokens, eos_id=enc.eot_token, **sampling)
-            for (i, _), row in zip(batch, out[:, n:].tolist()):
-                texts[i] = enc.decode([t for t in row if t != enc.eot_token])
-    return texts
 
 
 def manual_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):

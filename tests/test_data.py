@@ -9,7 +9,7 @@ import tiktoken
 from conftest import GPT2_RANKS
 from data import (DataError, arith_solution, answer_of, batch_indices, builtin_data, collate,
                   edit_distance, load_tokenizer, tokenize_pairs)
-from extras.formats import load_preferences, render_messages, split_conversation, split_shared_prompt
+from extras.formats import parse_jsonl, render_messages, split_conversation, split_shared_prompt
 from extras.speedups import collate_shared
 
 E = 256  # end-of-text in the byte tokenizer
@@ -51,7 +51,7 @@ def test_load_preferences_accepts_bom_crlf_blank_lines(tmp_path):
                      b'\r\n'
                      b'{"prompt": "", "chosen": "a", "rejected": "a"}\n'
                      b'{"prompt": "P", "chosen": "\xc3\xa9", "rejected": "e"}\n')
-    records, n_identical = load_preferences(str(path))
+    records, n_identical = parse_jsonl(str(path))
     assert records == [{"prompt": "Q", "chosen": "yes", "rejected": "no"},
                        {"prompt": "P", "chosen": "é", "rejected": "e"}]
     assert n_identical == 1
@@ -69,7 +69,7 @@ def test_bad_jsonl_lines_name_path_and_line(tmp_path, line, message):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b'{"prompt": "Q", "chosen": "a", "rejected": "b"}\n\n' + line + b"\n")
     with pytest.raises(DataError) as err:
-        load_preferences(str(path))
+        parse_jsonl(str(path))
     assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -78,9 +78,9 @@ def test_empty_or_missing_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
     with pytest.raises(DataError, match="no preference pairs"):
-        load_preferences(str(path))
+        parse_jsonl(str(path))
     with pytest.raises(DataError, match="cannot read"):
-        load_preferences(str(tmp_path / "nope.jsonl"))
+        parse_jsonl(str(tmp_path / "nope.jsonl"))
 
 
 def test_arith_solution_and_answer():
@@ -184,9 +184,9 @@ def test_implicit_prompt_lines(tmp_path):
                     json.dumps({"prompt": "P", "chosen": "a", "rejected": "b"}) + "\n" +
                     json.dumps({"chosen": "only chosen"}) + "\n")
     with pytest.raises(DataError, match=r"hh.jsonl:4: missing field 'rejected'"):
-        load_preferences(str(path))
+        parse_jsonl(str(path))
     path.write_text("\n".join(path.read_text().splitlines()[:3]))
-    records, _ = load_preferences(str(path))
+    records, _ = parse_jsonl(str(path))
     assert records == [{"prompt": "Human: 2+2?\n\nAssistant: It is", "chosen": " 4.", "rejected": " 5."},
                        {"prompt": "", "chosen": "yes", "rejected": "no"},
                        {"prompt": "P", "chosen": "a", "rejected": "b"}]
@@ -252,7 +252,7 @@ def test_conversational_lines(tmp_path):
          "rejected": [Q, A5, msg("user", "Sure?"), A5, msg("assistant", "Yes.")]},
         {"chosen": [Q, A4], "rejected": [Q, A4]},  # identical: skipped
         {"prompt": "P", "chosen": "a", "rejected": "b"})  # the forms may be mixed line by line
-    records, n_identical = load_preferences(path)
+    records, n_identical = parse_jsonl(path)
     assert records == [
         {"prompt": QA, "chosen": " It is 4.", "rejected": " It is 5."},
         {"prompt": QA, "chosen": " It is 4.", "rejected": " It is 5."},
@@ -271,7 +271,7 @@ def test_conversational_mask_covers_exactly_the_reply(tmp_path):
     path = write_lines(tmp_path / "conv.jsonl", {"prompt": [SYS, Q], "chosen": [A4], "rejected": [A5]},
                        {"chosen": [Q, A4], "rejected": [Q, msg("assistant", "Five.")]})
     enc = load_tokenizer("byte")
-    records, _ = load_preferences(path)
+    records, _ = parse_jsonl(path)
     pairs, n_cut, n_drop = tokenize_pairs(records, enc, block_size=64)
     assert (n_cut, n_drop) == (0, 0)
     idx, targets, mask = collate(pairs, E)
@@ -321,7 +321,7 @@ def test_conversational_split_is_a_gpt2_token_boundary():
 def test_bad_conversational_lines_name_path_line_and_field(tmp_path, obj, message):
     path = write_lines(tmp_path / "conv.jsonl", {"prompt": [Q], "chosen": [A4], "rejected": [A5]}, obj)
     with pytest.raises(DataError) as err:
-        load_preferences(path)
+        parse_jsonl(path)
     assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -331,9 +331,9 @@ def test_implicit_prompt_lines_without_a_shared_beginning_are_counted(tmp_path, 
     lines = [{"chosen": "Human: hi Assistant: hello", "rejected": "Human: hi Assistant: go"},
              {"chosen": "yes", "rejected": "no"}, {"chosen": "a b", "rejected": "c d"}]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    records, _ = load_preferences(str(path))
+    records, _ = parse_jsonl(str(path))
     assert [r["prompt"] for r in records] == ["Human: hi Assistant:", "", ""]
     assert "2 of 3 pairs have no \"prompt\" and chosen and rejected texts that share no beginning" \
         in capsys.readouterr().out
-    load_preferences(str(path), quiet=True)
+    parse_jsonl(str(path), quiet=True)
     assert capsys.readouterr().out == ""

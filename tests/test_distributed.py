@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_MODEL
-from extras.runtime import load_checkpoint
+from extras.checkpoints import load_checkpoint
 
 # float32: the two runs sum the same gradients in another order, and AdamW's first steps magnify
 # the rounding of near-zero gradients: the weights agree to 2e-5 (4 steps at lr 1e-4 move them
@@ -57,11 +57,11 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
 
 
 def test_gradients_sync_only_on_the_last_micro_batch(tmp_path, monkeypatch):
-    """Under DDP, the loop's runtime.sync_gradients runs every micro-batch but the last under
+    """Under DDP, the loop's distributed.sync_gradients runs every micro-batch but the last under
     no_sync; without DDP it never does."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from extras.runtime import sync_gradients
+    from extras.distributed import sync_gradients
     from model import GPT, GPTConfig
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

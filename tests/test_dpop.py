@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dpop import LOSSES, chosen_nll, preference_loss, preference_metrics, sequence_logps
+from dpop import LOSSES, PairLogps, chosen_nll, preference_loss, preference_metrics, sequence_logps
 
 
 def naive_sequence_logps(logits, targets, mask):
@@ -69,8 +69,9 @@ def test_policy_equal_to_reference(loss):
     chosen, rejected = torch.tensor([-12.0, -3.0]), torch.tensor([-15.0, -2.0])
     pc, pr = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
     beta, alpha, lengths = 0.1, 0.5, torch.tensor([4, 3])  # chosen completions of 4 and 3 tokens
+    knobs = {k: v for k, v in dict(beta=beta, lam=50.0, rpo_alpha=alpha).items() if k in LOSSES[loss].knobs}
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        pc, pr, chosen, rejected, loss=loss, beta=beta, lam=50.0, alpha=alpha, chosen_lengths=lengths)
+        pc, pr, chosen, rejected, loss=loss, chosen_lengths=lengths, **knobs)
     expected = {"dpo": math.log(2), "dpop": math.log(2), "hinge": 1.0,  # SLiC: max(0, 1 - 0)
                 "ipo": (1 / (2 * beta)) ** 2,
                 # RPO: DPO's ln 2 plus alpha times the NLL per token, 12/4 and 3/3 nats
@@ -102,7 +103,8 @@ def test_closed_form_values():
         ("hinge", 0.0): 0.5,                     # 1 - 0.5
     }
     for (loss, eps), expected in cases.items():
-        got, rw_c, rw_r = preference_loss(pc, pr, rc, rr, loss=loss, beta=0.1, label_smoothing=eps)
+        smoothing = {"label_smoothing": eps} if eps else {}
+        got, rw_c, rw_r = preference_loss(pc, pr, rc, rr, loss=loss, beta=0.1, **smoothing)
         assert got.item() == pytest.approx(expected, abs=1e-6), loss
         assert rw_c.item() == pytest.approx(0.2) and rw_r.item() == pytest.approx(-0.3)
     # DPOP with the chosen 2 nats BELOW the reference: c = -2, r = -5 -> d = 3, penalty 2
@@ -121,7 +123,7 @@ def test_dpop_with_lam_zero_is_dpo():
 def test_rpo_with_alpha_zero_is_dpo():
     logps, lengths = four_logps(), torch.arange(1, 17)
     dpo = preference_loss(*logps, loss="dpo", beta=0.3)
-    rpo = preference_loss(*logps, loss="rpo", beta=0.3, alpha=0.0, chosen_lengths=lengths)
+    rpo = preference_loss(*logps, loss="rpo", beta=0.3, rpo_alpha=0.0, chosen_lengths=lengths)
     assert all(torch.equal(a, b) for a, b in zip(dpo, rpo))
 
 
@@ -135,7 +137,7 @@ def test_rpo_closed_form_and_its_gradient_on_each_chosen_token():
     mask = torch.tensor([[True, True, True, True, False]])
     policy_chosen = torch.where(mask, tokens, torch.zeros_like(tokens)).sum(-1)  # -8
     losses, _, _ = preference_loss(policy_chosen, torch.tensor([-13.0]), torch.tensor([-10.0]),
-                                   torch.tensor([-10.0]), loss="rpo", beta=beta, alpha=alpha,
+                                   torch.tensor([-10.0]), loss="rpo", beta=beta, rpo_alpha=alpha,
                                    chosen_lengths=mask.sum(-1))
     sig = lambda z: 1 / (1 + math.exp(-z))
     assert losses.item() == pytest.approx(-math.log(sig(0.5)) + alpha * 8 / 4, abs=1e-6)
@@ -143,7 +145,8 @@ def test_rpo_closed_form_and_its_gradient_on_each_chosen_token():
     per_token = -beta * sig(-0.5) - alpha / 4
     torch.testing.assert_close(tokens.grad, torch.tensor([[per_token] * 4 + [0.0]]))
     assert per_token < 0  # gradient descent raises every chosen token's log-prob
-    torch.testing.assert_close(chosen_nll(policy_chosen, mask.sum(-1)), torch.tensor([2.0]))
+    torch.testing.assert_close(chosen_nll(PairLogps(policy_chosen, None, chosen_lengths=mask.sum(-1))),
+                               torch.tensor([2.0]))
 
 
 def test_dpop_penalty_zero_at_or_above_reference_positive_below():

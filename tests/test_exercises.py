@@ -11,10 +11,10 @@ from conftest import ROOT
 from extras import exercises
 from extras.exercises import HINTS, TESTS, ExerciseError, find_regions, write_student_copy
 
-WHERE = {1: ("data.py", "collate"), 2: ("dpop.py", "sequence_logps"), 3: ("dpop.py", "preference_loss"),
+WHERE = {1: ("data.py", "collate"), 2: ("dpop.py", "sequence_logps"), 3: ("dpop.py", "dpop_loss"),
          4: ("dpop.py", "preference_metrics"), 5: ("train.py", "train")}
 GONE = {1: "mask[i, len(prompt) - 1:n] = True", 2: "logps.gather(-1, targets.unsqueeze(-1))",
-        3: "penalty = torch.relu(-chosen_logratios)", 4: '"logratio/chosen": (chosen_rewards / beta)',
+        3: "penalty = torch.relu(-chosen_logratios)", 4: 'metrics["logratio/chosen"] = (chosen_rewards / beta)',
         5: "scaler.scale(loss / cfg.grad_accum).backward()"}
 
 
@@ -37,7 +37,7 @@ def test_the_student_copy_stubs_each_region_and_nothing_else(tmp_path):
         compile(code, path, "exec")
         assert f'raise NotImplementedError("exercise {n}: {HINTS[n]}")' in code and GONE[n] not in code
         assert f"in `{function}`" in sheet and exercises.grading_command(n) in sheet
-    for path in ("model.py", "tests/test_dpop.py", "extras/runtime.py", "assets/experiment.png"):
+    for path in ("model.py", "tests/test_dpop.py", "extras/checkpoints.py", "assets/experiment.png"):
         assert (out / path).read_bytes() == open(os.path.join(ROOT, path), "rb").read()
     assert not (out / ".git").exists()
 

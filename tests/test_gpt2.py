@@ -7,7 +7,7 @@ import torch
 
 from conftest import GPT2_RANKS
 from extras.hf_gpt2 import load_hf_gpt2, read_safetensors, save_hf_gpt2, write_safetensors
-from extras.runtime import export_checkpoint, load_checkpoint
+from extras.checkpoints import export_checkpoint, load_checkpoint
 from model import GPT, GPTConfig
 from train import main
 

@@ -2,7 +2,8 @@
 import torch
 
 from model import GPT, GPTConfig
-from extras.runtime import load_checkpoint, save_checkpoint
+from extras.checkpoints import load_checkpoint
+from extras.files import save_checkpoint
 from train import build_model, TrainConfig
 
 EOS = 256
@@ -89,7 +90,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     cfg = TrainConfig()
     save_checkpoint(path, {"model": model.state_dict(), "model_config": vars(model.config),
-                           "config": vars(cfg), "tokenizer": "byte"})
+                           "config": vars(cfg)})
     assert not (tmp_path / "ckpt.pt.tmp").exists()  # the temporary file was renamed into place
 
     class Enc:

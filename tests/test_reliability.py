@@ -20,9 +20,9 @@ import torch
 import train
 from conftest import ROOT, TINY_MODEL
 from data import DataError, builtin_data, load_tokenizer, tokenize_pairs
-from extras import runtime, speedups
-from extras.formats import load_preferences
-from extras.runtime import load_checkpoint
+from extras import checkpoints, config, files, speedups
+from extras.formats import parse_jsonl
+from extras.checkpoints import load_checkpoint
 from model import GPT, GPTConfig
 from train import TrainConfig, main
 
@@ -77,6 +77,14 @@ def error_of(argv):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--dtype", "float8"], "--dtype float8: choose"),
     (["--loss", "dpop", "--label-smoothing", "0.1"], "applies to --loss dpo only"),
+    # a loss's knob for a loss that does not read it; the SFT stage's flags under their own names
+    (["--loss", "dpo", "--lam", "5"], "--lam applies to --loss dpop only"),
+    (["--loss", "sft", "--rpo-alpha", "0.5"], "--rpo-alpha applies to --loss rpo only"),
+    (["--sft-steps", "0"], "--sft-steps must be positive, got 0"),
+    (["--sft-steps=-5"], "--sft-steps must be positive, got -5"),
+    (["--sft-lr=-1"], "--sft-lr must be positive"),
+    (["--sft-batch-size", "0"], "--sft-batch-size must be positive"),
+    (["--ref-logps", "sometimes"], "--ref-logps sometimes: choose auto, precompute or every-step"),
 ])
 def test_bad_flags(tiny_args, sft_ckpt, flags, message):
     assert message in error_of(tiny_args("bad", "--init", sft_ckpt, "--steps", "1", *flags))
@@ -135,7 +143,7 @@ def test_json_that_is_not_json_lines_says_so(tmp_path, text, line):
     path = tmp_path / "pairs.json"
     path.write_text(text)
     with pytest.raises(DataError) as err:
-        load_preferences(str(path))
+        parse_jsonl(str(path))
     assert str(err.value).startswith(f"{path}:{line}: ")
     assert "the format is JSON Lines: one object per line" in str(err.value)
 
@@ -144,7 +152,7 @@ def test_a_typo_in_json_lines_gets_no_json_lines_hint(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"\n')
     with pytest.raises(DataError) as err:
-        load_preferences(str(path))
+        parse_jsonl(str(path))
     assert "invalid JSON" in str(err.value) and "JSON Lines" not in str(err.value)
 
 
@@ -209,14 +217,14 @@ def sft_config(tmp_path, **changes):
 
 def fake_reference(cfg, done=True):
     """An SFT checkpoint as train.py writes it, for the recipe checks (they read no weights)."""
-    runtime.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), {
+    files.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), {
         "model": {}, "model_config": {}, "config": dataclasses.asdict(cfg), "done": done,
-        "processes": 1, "files": runtime.file_digests(cfg)})
+        "processes": 1, "files": checkpoints.file_digests(cfg)})
 
 
 def claimed(sft_cfg, run_cfg):
     """What claim_reference says of the reference in sft_cfg.out: finished (reuse it) or not."""
-    with runtime.claim_reference(sft_cfg, os.path.join(sft_cfg.out, "ckpt.pt"), run_cfg) as finished:
+    with checkpoints.claim_reference(sft_cfg, os.path.join(sft_cfg.out, "ckpt.pt"), run_cfg) as finished:
         return finished
 
 
@@ -252,9 +260,9 @@ def test_a_reference_from_before_sft_check_every_was_checked_at_each_eval(tmp_pa
     when the two intervals agree."""
     fake_reference(sft_config(tmp_path, eval_every=50))
     path = os.path.join(tmp_path, "sft", "ckpt.pt")
-    ckpt = runtime.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     del ckpt["config"]["sft_check_every"]
-    runtime.save_checkpoint(path, ckpt)
+    files.save_checkpoint(path, ckpt)
     run_cfg = TrainConfig(loss="dpop", out=str(tmp_path / "dpop"))
     with pytest.raises(DataError, match=r"another recipe: sft_check_every \(50 -> 10\);"):
         claimed(sft_config(tmp_path, eval_every=50, sft_check_every=10), run_cfg)
@@ -366,7 +374,7 @@ def test_folders_that_cannot_be_written_are_refused_before_any_work(tmp_path, ti
         f"error: --out {notes / 'run'} is under {notes}, a file, not a folder; use another --out"
     assert error_of([*run, "--export-hf", str(notes)]) == \
         f"error: --export-hf {notes} is a file, not a folder; use another --export-hf"
-    monkeypatch.setattr(runtime.os, "access", lambda path, mode: False)  # as if read-only (root writes anyway)
+    monkeypatch.setattr(config.os, "access", lambda path, mode: False)  # as if read-only (root writes anyway)
     assert error_of(run) == (f"error: --out {tmp_path / 'x'}: cannot write in {tmp_path} (no permission, "
                              f"or a read-only disk); use another --out")
     assert not (tmp_path / "x").exists()
@@ -394,7 +402,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_one(tmp_path, tiny_args, sft_c
             f.write(b"half a checkpoint")
             raise failure
         real_save(obj, f)
-    monkeypatch.setattr(runtime.torch, "save", fail_the_second)
+    monkeypatch.setattr(files.torch, "save", fail_the_second)
     ckpt = tmp_path / "run" / "ckpt.pt"
     if isinstance(failure, OSError):
         assert error_of(args) == (f"error: {ckpt}: cannot write it (No space left on device); the disk is "
@@ -422,7 +430,7 @@ def test_a_second_run_on_a_folder_in_use_stops_at_once(tmp_path, tiny_args, sft_
     """The lock in this very process: flock locks of two open() calls exclude each other too."""
     args = tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "1",
                      "--batch-size", "4")
-    with runtime.FolderLock(str(tmp_path / "run")):
+    with files.FolderLock(str(tmp_path / "run")):
         assert error_of(args) == (f"error: another run is using {tmp_path / 'run'} (pid {os.getpid()}); "
                                   f"wait for it or use another --out")
     main(args)  # free again
@@ -706,3 +714,31 @@ def test_sigint_to_one_torchrun_rank_stops_both_and_resume_continues(tmp_path, s
     assert b["done"] and b["step"] == 200
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the same sums, in the same order
     assert comparable(straight) == comparable(stopped)
+
+
+def test_a_run_never_overwrites_the_checkpoint_it_starts_from(tmp_path, tiny_args, sft_ckpt):
+    """--init pointing at the checkpoint --out would hold (or --export-hf at --init's folder) is
+    refused before any work, and the checkpoint is left as it was."""
+    before = open(sft_ckpt, "rb").read()
+    out = os.path.dirname(sft_ckpt)
+    message = error_of([*TINY_MODEL, "--loss", "dpo", "--init", sft_ckpt, "--out", out, "--steps", "1"])
+    assert "is the checkpoint this run would write" in message and "another --out" in message
+    message = error_of(tiny_args("hf", "--init", sft_ckpt, "--export-hf", out, "--steps", "1"))
+    assert "would overwrite --init" in message
+    assert open(sft_ckpt, "rb").read() == before
+
+
+def test_the_knobs_declare_what_resume_and_the_sft_reference_may_change():
+    """The field sets that once were hand-kept lists, now derived from TrainConfig's knobs: what
+    --resume may change, what a reused SFT reference may differ in, what it inherits."""
+    from extras.config import fields_where
+    from train import TrainConfig
+    watch = {"out", "resume", "export_hf", "log_every", "max_bad_steps", "compile", "ref_logps",
+             "full_logits", "share_prompt"}
+    assert fields_where(TrainConfig, "reference_may_differ") == watch
+    assert fields_where(TrainConfig, "resume_may_change") == watch | {
+        "steps", "eval_every", "device", "sft_target_acc", "sft_check_every"}
+    assert fields_where(TrainConfig, "sft_inherits") == {
+        "data", "eval_data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
+        "sft_target_acc", "sft_check_every", "max_bad_steps", "dropout", "n_layer", "n_head",
+        "n_embd", "block_size"}

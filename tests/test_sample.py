@@ -10,7 +10,8 @@ import torch
 import experiment
 import sample
 from data import answer_of, builtin_data, load_tokenizer
-from extras import runtime, speedups
+from extras import checkpoints, files
+from extras.generation import complete
 from model import GPT, GPTConfig
 from train import main
 
@@ -18,10 +19,10 @@ from train import main
 @pytest.fixture
 def two_ckpts(tmp_path, sft_ckpt):
     """The tiny SFT checkpoint, and one of the same shape with fresh random weights."""
-    ckpt = runtime.load_checkpoint(sft_ckpt)
+    ckpt = checkpoints.load_checkpoint(sft_ckpt)
     torch.manual_seed(0)
     path = str(tmp_path / "random" / "ckpt.pt")
-    runtime.save_checkpoint(path, {**ckpt, "model": GPT(GPTConfig(**ckpt["model_config"])).state_dict()})
+    files.save_checkpoint(path, {**ckpt, "model": GPT(GPTConfig(**ckpt["model_config"])).state_dict()})
     return [sft_ckpt, path]
 
 
@@ -32,8 +33,8 @@ def test_sample_prints_each_models_greedy_completions_and_accuracy(two_ckpts, ca
     names = sample.names_of(two_ckpts)
     assert names[1] == "random" and names[0] != names[1]
     for name, path in zip(names, two_ckpts):
-        model = runtime.model_from_checkpoint(path)[0]
-        texts = speedups.complete(model, load_tokenizer("byte"), [p for p, _ in problems], nullcontext(),
+        model = checkpoints.model_from_checkpoint(path)[0]
+        texts = complete(model, load_tokenizer("byte"), [p for p, _ in problems], nullcontext(),
                                   torch.device("cpu"))
         lines = [line for line in out.splitlines() if line.startswith(f"    {name} ")]
         assert len(lines) == 2  # one completion per problem
@@ -66,8 +67,8 @@ def test_summary_prints_three_examples_and_summary_json_keeps_its_keys(tmp_path,
                              "--batch-size", "4", "--eval-every", "2"))
     out = capsys.readouterr().out.split("--- the first 3 test problems, greedy completions\n")[1]
     for prompt, answer in builtin_data("arith")["test"][:3]:
-        assert f"  {prompt}   answer {answer}\n    reference  " in out
-    assert out.count("\n    trained    ") == 3
+        assert f"  {prompt}   answer {answer}\n    start    " in out  # the starting model (--init)
+    assert out.count("\n    trained  ") == 3
     with open(tmp_path / "dpo" / "summary.json") as f:
         assert f.read() == json.dumps(summary, indent=1)  # figures only: no completions in it
     assert list(summary) == ["trained", "reference"] and list(summary["reference"]) == ["gen_accuracy"]

@@ -15,7 +15,7 @@ from dpop import completion_logps, sequence_logps
 from extras import speedups
 from extras.speedups import collate_shared, manual_attention, sparse_embedding_grad
 from model import GPT, GPTConfig
-from train import TrainConfig, chosen_lengths, frozen_copy, pair_logps, sft_loss
+from train import TrainConfig, completion_lengths, frozen_copy, pair_logps, sft_loss
 
 CPU = torch.device("cpu")
 
@@ -105,14 +105,15 @@ def test_completion_only_head_gives_the_same_gradients(loss):
     assert_same_step(one_step(loss, full_logits=True), one_step(loss, full_logits=False))
 
 
-def test_chosen_lengths_of_both_batch_layouts():
-    """RPO's per-token NLL divides by these: the chosen completions' token counts, end-of-text
-    included, whichever way the batch was collated."""
+def test_completion_lengths_of_both_batch_layouts():
+    """The per-token losses (RPO's NLL, SimPO) divide by these: the chosen and the rejected
+    completions' token counts, end-of-text included, whichever way the batch was collated."""
     _, enc, pairs = setup()
     pairs = pairs[:4] + mixed_pairs(enc)
-    expected = torch.tensor([len(c) for _, c, _ in pairs])
-    assert torch.equal(chosen_lengths(collate(pairs, enc.eot_token)), expected)
-    assert torch.equal(chosen_lengths(collate_shared(pairs, enc.eot_token)), expected)
+    expected = [torch.tensor([len(p[i]) for p in pairs]) for i in (1, 2)]
+    for collate_fn in (collate, collate_shared):
+        chosen, rejected = completion_lengths(collate_fn(pairs, enc.eot_token))
+        assert torch.equal(chosen, expected[0]) and torch.equal(rejected, expected[1])
 
 
 def test_shared_prompt_rows_give_the_same_logps():

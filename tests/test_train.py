@@ -13,8 +13,8 @@ from conftest import TINY_MODEL
 from data import load_tokenizer, tokenize_pairs, builtin_data, collate
 from dpop import preference_loss
 from model import GPT, GPTConfig
-from extras import runtime
-from extras.runtime import load_checkpoint
+from extras import checkpoints
+from extras.checkpoints import load_checkpoint
 from train import TrainConfig, frozen_copy, get_lr, main, make_optimizer, pair_logps
 
 
@@ -113,15 +113,15 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_ar
               "--batch-size", "4", "--lr", "1e-3", "--eval-every", "3")
     main(tiny_args("straight", *common))
 
-    real_save = runtime.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_crash(path, obj):
         real_save(path, obj)
         raise KeyboardInterrupt  # the process dies right after the step-3 checkpoint
-    monkeypatch.setattr(runtime, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(SystemExit):  # main: one line and exit code 130, not a traceback
         main(tiny_args("interrupted", *common))
-    monkeypatch.setattr(runtime, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert load_checkpoint(str(tmp_path / "interrupted" / "ckpt.pt"))["step"] == 3
     main(tiny_args("interrupted", *common, "--resume"))
 
@@ -268,7 +268,7 @@ def test_help_groups_every_flag_and_shows_the_stage_defaults(capsys):
     import bench
     from train import parse_args
     for parse, groups in ((parse_args, ["what to train", "optimisation", "the preference loss",
-                                        "the SFT reference", "the model", "evaluation, logging"]),
+                                        "the SFT model", "the model", "evaluation, logging"]),
                           (bench.parse_args, ["the work", "speed levers", "the machine", "against TRL"])):
         with pytest.raises(SystemExit):
             parse(["--help"])
@@ -287,3 +287,17 @@ def test_help_groups_every_flag_and_shows_the_stage_defaults(capsys):
     assert "optimizer steps (default: sft 600, a preference loss 300)" in text
     assert "peak learning rate (default: sft 1e-3, a preference loss 4e-4)" in text
     assert "--rpo-alpha RPO_ALPHA RPO's weight" in text and "(default: None)" not in text
+
+
+def test_docs_flags_lists_every_flag_of_help_and_no_other(capsys):
+    """docs/flags.md is written by hand: every flag --help shows (a loss's knob from dpop.LOSSES
+    too) is in its table, and it names no flag that --help lacks."""
+    import re
+    from train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    in_help = set(re.findall(r"\[(--[a-z-]+)", capsys.readouterr().out)) - {"--help"}
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "flags.md"), encoding="utf-8") as f:
+        table = f.read().split("| --- | --- |")[1].split("\n\n")[0]
+    in_docs = set(re.findall(r"`(--[a-z-]+)", table))
+    assert in_help == in_docs, (sorted(in_help - in_docs), sorted(in_docs - in_help))
