@@ -11,12 +11,13 @@ the corrected revision of July 2024). For a prompt x, chosen completion yw and r
     DPO   loss = -log sigmoid(beta * d)                               (Rafailov et al. 2023, eq. 7)
     DPOP  loss = -log sigmoid(beta * (d - lam * max(0, -c)))          (Pal et al. 2024)
     RPO   loss = -log sigmoid(beta * d) - alpha * logp_policy(yw|x) / |yw|   (Pang et al. 2024)
+    SimPO loss = -log sigmoid(beta * (logp_policy(yw|x) / |yw| - logp_policy(yl|x) / |yl|) - gamma)
 
 DPOP's penalty max(0, -c) is zero while the policy keeps the chosen completion at least as likely
 as the reference did, and it sits INSIDE the sigmoid, scaled by beta (the corrected bracketing;
 earlier revisions circulated two others). With lam = 0 DPOP is DPO. RPO, the fix most trainers
 use now, adds the chosen completion's negative log-likelihood per token (|yw| its token count)
-outside the sigmoid; with alpha = 0 it is DPO.
+outside the sigmoid; with alpha = 0 it is DPO. SimPO (Meng et al. 2024) needs no reference.
 
 A loss is one function and one entry in LOSSES that says what it needs (a reference model or
 not), its knobs and their defaults, and what it logs; train.py and extras/ ask the entry and never
@@ -123,6 +124,13 @@ def hinge_loss(x, beta):
     return torch.relu(1 - beta * (x.chosen_logratios - x.rejected_logratios))
 
 
+def simpo_loss(x, beta, simpo_gamma):
+    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta/|yw| logp(yw) - beta/|yl| logp(yl) -
+    gamma). No reference: each log-prob is a per-token mean, and gamma a target reward margin."""
+    return -F.logsigmoid(beta * x.policy_chosen_logps / x.chosen_lengths
+                         - beta * x.policy_rejected_logps / x.rejected_lengths - simpo_gamma)
+
+
 class Loss(NamedTuple):
     """A loss's entry: all that train.py and extras/ know of it."""
     fn: Callable           # fn(PairLogps, **knobs) -> (B,) per-pair losses
@@ -140,6 +148,8 @@ LOSSES = {
                 logs={"loss/dpo": dpo_part, "loss/nll": chosen_nll}, shown=("loss/nll",)),
     "ipo": Loss(ipo_loss, True, {"beta": 0.1}),
     "hinge": Loss(hinge_loss, True, {"beta": 0.1}),
+    # the paper's beta 2.0 and gamma / beta 0.5 (its Llama-3 base recipe)
+    "simpo": Loss(simpo_loss, False, {"beta": 2.0, "simpo_gamma": 1.0}, lengths=True),
 }
 
 # Every knob of a loss: its --help text and the values it takes (train.py makes --rpo-alpha of
@@ -150,6 +160,7 @@ KNOBS = {
     "rpo_alpha": ("RPO's weight on the chosen completion's NLL per token (Pang et al.'s value)",
                   "zero or positive"),
     "label_smoothing": ("conservative DPO: assumed fraction of flipped labels", "in [0, 0.5)"),
+    "simpo_gamma": ("SimPO's target reward margin gamma", "zero or positive"),
 }
 
 

@@ -64,7 +64,7 @@ def four_logps(seed=0, B=16):
     return [torch.randn(B, generator=g) * 5 - 20 for _ in range(4)]
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", [name for name, spec in LOSSES.items() if spec.reference])
 def test_policy_equal_to_reference(loss):
     chosen, rejected = torch.tensor([-12.0, -3.0]), torch.tensor([-15.0, -2.0])
     pc, pr = chosen.clone().requires_grad_(True), rejected.clone().requires_grad_(True)
@@ -211,3 +211,33 @@ def test_preference_metrics():
     assert m["rewards/chosen"] == pytest.approx(0.4 / 4) and m["rewards/rejected"] == pytest.approx(-0.3 / 4)
     assert m["logratio/rejected"] == pytest.approx(-0.3 / 4 / 0.1)
     assert len(m) == 9 and all(type(v) is float for v in m.values())  # Python floats, for the log
+
+
+def test_simpo_closed_form_gradient_and_rewards():
+    """SimPO with the paper's beta 2 and gamma 1: the chosen completion's 3 tokens sum to -6 (a mean
+    of -2), the rejected's 4 to -20 (-5), so z = 2 * (-2) - 2 * (-5) - 1 = 5 and the loss is
+    -log sigmoid(5). Each summed log-prob's gradient is sigmoid(-z) times beta over its length;
+    the rewards are beta times the per-token means; a reference passed in is not read."""
+    sig = lambda z: 1 / (1 + math.exp(-z))
+    pc, pr = torch.tensor([-6.0], requires_grad=True), torch.tensor([-20.0], requires_grad=True)
+    lengths = dict(chosen_lengths=torch.tensor([3]), rejected_lengths=torch.tensor([4]))
+    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, loss="simpo", **lengths)
+    assert losses.item() == pytest.approx(-math.log(sig(5)), abs=1e-6)
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-sig(-5) * 2 / 3, abs=1e-7)
+    assert pr.grad.item() == pytest.approx(sig(-5) * 2 / 4, abs=1e-7)
+    assert chosen_rewards.item() == -4.0 and rejected_rewards.item() == -10.0
+    assert not chosen_rewards.requires_grad
+    with_ref = preference_loss(pc.detach(), pr.detach(), torch.tensor([-1.0]), torch.tensor([-30.0]),
+                               loss="simpo", **lengths)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(with_ref, (losses, chosen_rewards, rejected_rewards)))
+    # equal per-token means and no margin: ln 2, and gamma moves it by the margin's amount
+    even = dict(chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]))
+    at_par, _, _ = preference_loss(torch.tensor([-3.0]), torch.tensor([-6.0]), loss="simpo",
+                                   beta=1.0, simpo_gamma=0.0, **even)
+    assert at_par.item() == pytest.approx(math.log(2), abs=1e-6)
+    with_margin, _, _ = preference_loss(torch.tensor([-3.0]), torch.tensor([-6.0]), loss="simpo",
+                                        beta=1.0, simpo_gamma=0.5, **even)
+    assert with_margin.item() == pytest.approx(-math.log(sig(-0.5)), abs=1e-6)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        preference_loss(pc, pr, loss="simpo")

@@ -97,7 +97,7 @@ def test_completion_only_logits_equal_full_logits():
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-6)  # sums of ~40 logps near -5.5
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo", "sft"])
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo", "simpo", "sft"])
 def test_completion_only_head_gives_the_same_gradients(loss):
     """The same loss to 1e-5, and each gradient tensor to 5e-5 of its largest entry: an untrained
     model's summed log-probs are near -220, where float32 resolves 1.5e-5, and DPOP's lam = 50
@@ -126,7 +126,7 @@ def test_shared_prompt_rows_give_the_same_logps():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo"])
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo", "simpo"])
 def test_shared_prompt_gives_the_same_gradients(loss):
     """Tolerances as for the completion-only head above."""
     assert_same_step(one_step(loss, mixed=True), one_step(loss, collate_shared, mixed=True))

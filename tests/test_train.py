@@ -301,3 +301,23 @@ def test_docs_flags_lists_every_flag_of_help_and_no_other(capsys):
         table = f.read().split("| --- | --- |")[1].split("\n\n")[0]
     in_docs = set(re.findall(r"`(--[a-z-]+)", table))
     assert in_help == in_docs, (sorted(in_help - in_docs), sorted(in_docs - in_help))
+
+
+def test_simpo_trains_with_no_reference_model(tmp_path, tiny_args, sft_ckpt, monkeypatch, capsys):
+    """--loss simpo through the registry: no frozen copy and no precomputed table (even when
+    asked for), no log-ratio in the log line, and a summary that compares the trained model with
+    the starting model on held-out data."""
+    monkeypatch.setattr(train, "frozen_copy", lambda model: pytest.fail("SimPO built a reference model"))
+    summary = main(tiny_args("simpo", "--loss", "simpo", "--init", sft_ckpt, "--steps", "20",
+                             "--batch-size", "16", "--lr", "1e-3", "--eval-every", "20",
+                             "--ref-logps", "precompute"))
+    out = capsys.readouterr().out
+    assert "training: loss simpo, beta 2.0, simpo_gamma 1.0;" in out and "reference: none" in out
+    assert not any(name.startswith("ref_logps") for name in os.listdir(tmp_path / "simpo"))
+    log = train_rows(str(tmp_path / "simpo"))
+    assert "logratio/chosen" not in log[-1] and "dchosen" not in out.split("step    1 |")[1].split("\n")[0]
+    assert sum(r["loss"] for r in log[-5:]) / 5 < log[0]["loss"]
+    trained = summary["trained"]
+    assert {"loss", "rewards/accuracies", "logratio/chosen", "logratio/rejected", "gen_accuracy"} <= trained.keys()
+    assert "gen_accuracy" in summary["reference"]  # the starting model's, on the test problems
+    assert "chosen log-prob change" in out and "vs start" in out
