@@ -40,7 +40,9 @@ from types import SimpleNamespace
 import torch
 
 from data import collate
-from extras.config import ArgumentParser, HelpFormatter
+from data import DataError
+from extras.config import (ArgumentParser, HelpFormatter, check_compiler, check_device, check_python,
+                           check_ranges)
 from extras.speedups import (collate_shared, manual_attention, reference_train_logps,
                              sparse_embedding_grad, to_device)
 from model import GPT, GPTConfig
@@ -94,6 +96,22 @@ def parse_args(argv=None):
         p.error("--prompt-tokens chooses the number of shots: pass one of the two")
     if args.prompt_tokens and args.vs_trl:
         p.error("--prompt-tokens: TRL's harness takes only --shots")
+    try:  # every flag up front, by its own name: not after a run, nor as a traceback
+        check_ranges(vars(args), {"batch": "positive", "shots": "zero or positive", "prompt_tokens": "zero or positive",
+                                  "steps": "positive", "warmup": "zero or positive", "threads": "positive",
+                                  "rounds": "positive"})
+        if args.warmup >= args.steps:
+            raise DataError(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}; "
+                            f"give --steps more than --warmup")
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+            raise DataError(f"--device {args.device}: choose cpu or cuda")
+        check_device(args.device)
+        if args.compile:
+            check_compiler()
+        if args.vs_trl:
+            check_python(args.vs_trl, "--vs-trl")
+    except DataError as e:
+        p.error(str(e))
     return args
 
 

@@ -17,7 +17,9 @@ import torch
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-EOT = "<|endoftext|>"  # the end-of-text special token; its id is enc.eot_token
+EOT = "<|endoftext|>"
+# how many ranks the ranks files of tiktoken's encodings hold, to notice one that was cut short
+RANKS_IN = {"gpt2": 50256, "r50k_base": 50256, "p50k_base": 50280, "cl100k_base": 100256, "o200k_base": 199998}  # the end-of-text special token; its id is enc.eot_token
 # GPT-2's pre-tokenizer pattern (public in GPT-2's encoder.py and in tiktoken), used with ranks files
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -44,10 +46,22 @@ def load_tokenizer(spec):
         return tiktoken.Encoding(name="byte", pat_str=GPT2_PATTERN, special_tokens={EOT: 256},
                                  mergeable_ranks={bytes([i]): i for i in range(256)})
     if os.path.isfile(spec):
+        if os.path.getsize(spec) == 0:
+            raise DataError(f"--tokenizer {spec}: the file is empty; pass a whole .tiktoken ranks file")
         try:
             ranks = load_tiktoken_bpe(spec)
         except Exception as e:
-            raise DataError(f"{spec}: not a .tiktoken ranks file ({e})") from None
+            raise DataError(f"--tokenizer {spec}: not a .tiktoken ranks file ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
+        # a byte-level BPE has a rank for every byte (else encoding some text panics), ranks 0..n-1
+        missing = 256 - len({t for t in ranks if len(t) == 1})
+        cut = RANKS_IN.get(os.path.splitext(os.path.basename(spec))[0], len(ranks)) != len(ranks)
+        if missing or cut or sorted(ranks.values()) != list(range(len(ranks))):
+            why = (f"{missing} of the 256 single bytes have no rank" if missing else f"{len(ranks)} ranks"
+                   + (f" where the real file has {RANKS_IN[os.path.splitext(os.path.basename(spec))[0]]}"
+                      if cut else ", not numbered 0 to n-1"))
+            raise DataError(f"--tokenizer {spec}: not a whole byte-level BPE ranks file ({why}); it may be "
+                            f"cut short: use the whole file")
         return tiktoken.Encoding(name=os.path.basename(spec), pat_str=GPT2_PATTERN,
                                  mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
     if spec not in tiktoken.list_encoding_names():

@@ -155,7 +155,8 @@ LOSSES = {
 # Every knob of a loss: its --help text and the values it takes (train.py makes --rpo-alpha of
 # rpo_alpha; its default is the entry's of the loss that runs).
 KNOBS = {
-    "beta": ("inverse temperature: a larger beta keeps the policy closer to the reference", "positive"),
+    "beta": ("inverse temperature: a larger beta keeps the policy closer to the reference (without a "
+             "reference, the scale of the rewards)", "positive"),
     "lam": ("DPOP's penalty weight (the paper's value)", "zero or positive"),
     "rpo_alpha": ("RPO's weight on the chosen completion's NLL per token (Pang et al.'s value)",
                   "zero or positive"),

@@ -49,7 +49,7 @@ import torch
 
 import train
 from extras.checkpoints import model_from_checkpoint
-from extras.config import ArgumentParser
+from extras.config import ArgumentParser, check_ranges
 from extras.generation import complete
 from data import DataError, answer_of, builtin_data, collate, edit_distance, load_tokenizer, tokenize_pairs
 from extras.formats import parse_jsonl
@@ -68,6 +68,7 @@ QUICK = {"sft": ["--steps", "40", "--sft-target-acc", "0", "--n-layer", "2", "--
          "sampled": 256}
 CPU = torch.device("cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = ("default", "avx2", "avx512")  # the values ATEN_CPU_CAPABILITY takes on x86 CPUs
 
 
 def parse_args(argv=None):
@@ -97,6 +98,16 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="with --demo-range: runs at once, one thread each (default: the CPU count)")
     args = p.parse_args(argv)
+    try:  # every flag up front, by its own name
+        check_ranges({"jobs": args.jobs, "seeds": min(args.seeds or [0])}, {"jobs": "positive", "seeds": "in [0, 2**32)"})
+        native = torch.backends.cpu.get_cpu_capability().lower()  # the widest path this CPU runs
+        for kernel in args.kernels:
+            if kernel not in KERNELS:
+                raise DataError(f"--kernels {kernel}: not a kernel path of torch's; choose from {', '.join(KERNELS)}")
+            if native in KERNELS and KERNELS.index(kernel) > KERNELS.index(native):
+                raise DataError(f"--kernels {kernel}: this CPU's widest kernel path is {native}")
+    except DataError as e:
+        p.error(str(e))
     if args.plot_runs:
         args.figure = args.figure or "runs.png"
         return args

@@ -35,7 +35,13 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="when sampling, only from the k likeliest tokens")
     p.add_argument("--seed", type=int, default=1337, help="the seed of each model's sampling generator")
     p.add_argument("--max-new-tokens", type=int, default=48, help="the longest completion, in tokens")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # every flag in its range, or one error line that names it
+        config.check_ranges(vars(args), {"temperature": "zero or positive", "top_k": "positive",
+                                         "max_new_tokens": "positive", "seed": "zero or positive"})
+    except DataError as e:
+        p.error(str(e))
+    return args
 
 
 def names_of(paths):
@@ -64,8 +70,6 @@ def main(argv=None):
         test = builtin_data("arith")["test"]  # (prompt, answer) pairs
         if not args.prompt and not 1 <= args.problems <= len(test):
             raise DataError(f"--problems must be between 1 and {len(test)}, got {args.problems}")
-        if args.temperature < 0 or args.max_new_tokens < 1:
-            raise DataError("--temperature must be 0 or more and --max-new-tokens 1 or more")
         problems = [(prompt, None) for prompt in args.prompt] or test[:args.problems]
         prompts = [prompt for prompt, _ in problems]
         texts = {name: completions(path, prompts, args)

@@ -1,4 +1,4 @@
-"""Train a GPT with a preference loss (DPO, DPOP, RPO, IPO, hinge: dpop.LOSSES) or plain SFT.
+"""Train a GPT with a preference loss (DPO, DPOP, RPO, SimPO, ...: dpop.LOSSES) or plain SFT.
 
     python train.py --loss dpop               # the demo: an SFT model (trained or reused), then DPOP
     python train.py --loss dpo                # the same with DPO: watch dchosen go negative
@@ -349,7 +349,7 @@ def train(cfg):
     ref_train_logps = None  # --ref-logps precompute: an (N, 2) table of them, cached in --out
     if uses_ref and speedups.precompute_pays(cfg, global_batch, len(train_pairs)):
         ref_train_logps = speedups.reference_train_logps(  # the model is still the reference here
-            model, train_pairs, cfg.out, lambda m, pairs: all_pair_logps(m, pairs, enc, ctx, device))
+            model, train_pairs, cfg.out, lambda m, ps: all_pair_logps(m, ps, enc, ctx, device), f"{device} {dtype}")
     ref = frozen_copy(model) if uses_ref and ref_train_logps is None else None
 
     speedups.sparse_embedding_grad(model, device, world)  # a memory lever for large vocabularies
@@ -370,7 +370,7 @@ def train(cfg):
     # and saved, so checkpoints have no "_orig_mod." or "module." prefixes.
     train_model = distributed.wrap_for_ranks(torch.compile(model) if cfg.compile else model, device)
     model.train()
-    health = stopping.StepHealth(cfg.max_bad_steps, ckpt_path)  # counts non-finite steps
+    health = stopping.StepHealth(cfg, ckpt_path, dtype != torch.float32)  # counts non-finite steps
     stop_rule = config.has_stop_rule(vars(cfg))  # SFT from random weights, on data with problems
     t_start, t_last, tokens_since, start_step = time.time(), time.time(), 0, step
     with stopping.catch_signals() as stop:  # Ctrl-C or SIGTERM: checkpoint after the step, stop

@@ -122,6 +122,9 @@ def load_init(spec):
     """The --init weights, as a dict shaped like a train.py checkpoint: from a train.py
     checkpoint; from a Hugging Face GPT-2 folder, model.safetensors or pytorch_model.bin; or from
     a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) looked up in the Hugging Face cache."""
+    if os.path.isfile(os.path.join(spec, "ckpt.pt")) and not os.path.exists(os.path.join(spec, "config.json")):
+        raise DataError(f"--init {spec} is a train.py run's folder: pass its checkpoint, --init "
+                        f"{os.path.join(spec, 'ckpt.pt')}")
     if not is_hf_spec(spec):
         return load_checkpoint(spec)
     try:
@@ -275,6 +278,12 @@ def claim_reference(sft_cfg, ckpt_path, run_cfg):
                                 f"pass --init {ckpt_path} to use it as it is, or use the flags it was "
                                 f"made with")
             done = bool(ckpt.get("done"))
-        if run_cfg.resume and done is not False and not os.path.isfile(os.path.join(run_cfg.out, "ckpt.pt")):
+        run_ckpt = os.path.join(run_cfg.out, "ckpt.pt")
+        if run_cfg.resume and done is not False and not os.path.isfile(run_ckpt):
             raise DataError(nothing_to_resume(run_cfg.out))
+        if run_cfg.resume and os.path.isfile(run_ckpt):  # before any SFT work: was it started from this model?
+            started = load_checkpoint(run_ckpt)["config"].get("init") or ""
+            if os.path.realpath(started) != os.path.realpath(ckpt_path):
+                raise DataError(f"--resume: {run_ckpt} was started from --init {started}; add --init "
+                                f"{started} to continue it")
         yield done is True

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import shutil
 import sys
 
 import torch
@@ -36,6 +37,7 @@ RANGES = {
     "in [0, 0.5)": lambda v: 0 <= v < 0.5,
     f"in [1, {MAX_BLOCK_SIZE}]": lambda v: 1 <= v <= MAX_BLOCK_SIZE,
     "in [0, 2**32)": lambda v: 0 <= v < 2 ** 32,
+    "in (0, 1)": lambda v: 0 < v < 1,
 }
 
 
@@ -164,29 +166,24 @@ def check_config(cfg):
     the range it takes; also the folders the run will write (--out, --export-hf), the data files,
     and --resume's checkpoint."""
     fields = dataclasses.fields(cfg)
-    for f in fields:  # nan and inf would pass every range
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise DataError(f"{flag(f.name)} must be a finite number, got {value}")
+    check_finite({f.name: getattr(cfg, f.name) for f in fields})
     for name in KNOBS:  # a loss's knob given to a loss that does not read it would change nothing
         takes = loss_knobs(cfg.loss)
         if getattr(cfg, name) is not None and name not in takes:
             users = [loss for loss, spec in LOSSES.items() if name in spec.knobs]
             raise DataError(f"{flag(name)} applies to --loss {', '.join(users)} only")
+    check_ranges({f.name: getattr(cfg, f.name) for f in fields if f.metadata.get("range")},
+                 {f.name: f.metadata["range"] for f in fields if f.metadata.get("range")})
     for f in fields:
-        value, allowed = getattr(cfg, f.name), f.metadata.get("range")
-        if allowed and value is not None and not RANGES[allowed](value):
-            raise DataError(f"{flag(f.name)} must be {allowed}, got {value}")
-        one_of = f.metadata.get("one_of")
+        value, one_of = getattr(cfg, f.name), f.metadata.get("one_of")
         if one_of and value not in one_of:
             raise DataError(f"{flag(f.name)} {value}: choose {', '.join(one_of[:-1])} or {one_of[-1]}")
     if cfg.n_embd % cfg.n_head:
         raise DataError(f"--n-embd {cfg.n_embd} must be a multiple of --n-head {cfg.n_head} "
                         f"(each head gets n_embd / n_head channels)")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
-    if cfg.device not in ("auto", "cpu", "mps", "cuda") and not re.fullmatch(r"cuda:\d+", cfg.device):
-        raise DataError(f"--device {cfg.device}: choose auto, cuda, cuda:N, mps or cpu")
+    check_device(cfg.device)
+    if cfg.compile:
+        check_compiler()
     load_tokenizer(cfg.tokenizer)  # a name or file that is not a tokenizer: one line, now
     for option, name in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if name:
@@ -204,6 +201,51 @@ def check_config(cfg):
     # absent checkpoint may be right: checkpoints.claim_reference decides.
     if cfg.resume and (cfg.loss == "sft" or cfg.init) and not os.path.isfile(os.path.join(cfg.out, "ckpt.pt")):
         raise DataError(nothing_to_resume(cfg.out))
+
+
+def check_finite(values):
+    """nan and inf would pass every range: refused first, by the flag's name ({name: value})."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{flag(name)} must be a finite number, got {value}")
+
+
+def check_ranges(values, ranges):
+    """Every value in its range ({name: value}, {name: a key of RANGES}), or one line that names
+    the flag, its range and the value. None (an unset default) passes. Every script's flags are
+    checked with it, up front."""
+    check_finite(values)
+    for name, allowed in ranges.items():
+        if values[name] is not None and not RANGES[allowed](values[name]):
+            raise DataError(f"{flag(name)} must be {allowed}, got {values[name]}")
+
+
+def check_python(python, option):
+    """A python to run: an executable file, or a name on the PATH."""
+    if not (shutil.which(python) or (os.path.isfile(python) and os.access(python, os.X_OK))):
+        raise DataError(f"{option} {python}: no such python (give the path of a virtual "
+                        f"environment's bin/python)")
+
+
+def check_device(device, option="--device"):
+    """A device that is not here, or not a device: one line, before any work."""
+    if device not in ("auto", "cpu", "mps", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise DataError(f"{option} {device}: choose auto, cuda, cuda:N, mps or cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"{option} {device}: no CUDA device is available here; use {option} cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise DataError(f"{option} {device}: there are {torch.cuda.device_count()} CUDA devices here "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DataError(f"{option} mps: no Apple GPU (MPS) is available here; use {option} cpu")
+
+
+def check_compiler(option="--compile"):
+    """torch.compile writes C++ (on a CPU) or Triton (on a GPU) kernels and builds them with the
+    machine's C/C++ compiler: without one it fails after the set-up with a long traceback."""
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        raise DataError(f"{option}: no C++ compiler found (torch.compile builds its kernels with one); "
+                        f"install g++ (apt-get install g++) or drop {option}")
 
 
 def check_global_batch(cfg, global_batch, world, n_pairs):

@@ -11,7 +11,9 @@ import json
 import os
 import random
 
-from data import BUILTIN, DataError, builtin_data
+import regex
+
+from data import BUILTIN, GPT2_PATTERN, DataError, builtin_data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -24,14 +26,27 @@ def split_shared_prompt(chosen, rejected):
     word's token at the space before it, splits the prompt exactly where it splits the whole text.
         split_shared_prompt("Human: 2+2? Assistant: It is 4", "Human: 2+2? Assistant: It is 5")
         -> ("Human: 2+2? Assistant: It is", " 4", " 5")
+    When the shared beginning holds no whitespace ("347+589=936" and "347+589=935", or CJK text),
+    the prompt ends at the last place before the first difference where GPT-2's pre-tokenizer
+    splits both texts, so the prompt still tokenizes as the whole text does:
+        split_shared_prompt("347+589=936", "347+589=935") -> ("347+589=", "936", "935")
     """
-    n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-        n += 1
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    n = shared
     while n > 0 and not chosen[n - 1].isspace():
         n -= 1
     n = max(0, n - 1)  # before the whitespace
+    if n == 0 and shared:  # no whitespace to cut at: a pre-tokenizer boundary of both texts
+        both = set(chunk_starts(chosen)) & set(chunk_starts(rejected))  # 0 is in both
+        n = max(i for i in both if i <= shared)
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def chunk_starts(text):
+    """Where GPT-2's pre-tokenizer starts each chunk of text (BPE never merges across them)."""
+    return [m.start() for m in regex.finditer(GPT2_PATTERN, text)]
 
 
 # The conversational form's messages become text in Anthropic HH's template ("\n\nHuman: ..." and
@@ -109,6 +124,8 @@ def record_from_json(obj):
     """One JSONL object as a record {"prompt", "chosen", "rejected"} of strings, whatever its form
     (see parse_jsonl), or None when chosen and rejected are the same (no preference).
     Raises DataError, without the file's location: parse_jsonl adds it."""
+    if isinstance(obj.get("prompt"), str) and all(isinstance(obj.get(f), list) for f in ("chosen", "rejected")):
+        return record_with_repeated_prompt(obj)
     fields = ("prompt", "chosen", "rejected") if "prompt" in obj else ("chosen", "rejected")
     kind = {str: "a string", list: "a list of messages"}
     for field in fields:
@@ -138,6 +155,39 @@ def record_from_json(obj):
         else:
             prompt, chosen, rejected = split_shared_prompt(obj["chosen"], obj["rejected"])
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def record_with_repeated_prompt(obj):
+    """HuggingFaceH4/ultrafeedback_binarized's shape: a string "prompt", and "chosen" and
+    "rejected" whole conversations that repeat it as their user turn:
+        {"prompt": "2+2?", "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", ...}], ...}
+    read as the conversations alone (the prompt is the messages they share), once the last shared
+    user turn is checked to be the prompt; otherwise DataError, naming where they differ. Lists
+    that hold the replies alone take the string as the user's turn before them."""
+    chosen, rejected = read_messages("chosen", obj["chosen"]), read_messages("rejected", obj["rejected"])
+    if chosen[0][0] == "assistant":  # the replies alone: the string is the user's turn
+        return record_from_json({"prompt": [{"role": "user", "content": obj["prompt"]}],
+                                 "chosen": obj["chosen"], "rejected": obj["rejected"]})
+    record = record_from_json({"chosen": obj["chosen"], "rejected": obj["rejected"]})
+    if record is None:
+        return None
+    n = 0  # the messages they share: the conversation before the reply
+    while chosen[n] == rejected[n]:
+        n += 1
+    i, turn = ([(i, c) for i, (role, c) in enumerate(chosen[:n], start=1) if role == "user"] or [(1, "")])[-1]
+    if turn != obj["prompt"]:
+        at = next((k for k, (a, b) in enumerate(zip(turn, obj["prompt"])) if a != b), min(len(turn), len(obj["prompt"])))
+        raise DataError(f"field 'chosen', message {i}: its user turn differs from 'prompt' at character {at + 1} "
+                        f"({turn[at:at + 20]!r} vs {obj['prompt'][at:at + 20]!r}); with message lists, a "
+                        f"string 'prompt' must be their last user turn")
+    return record
+
+
+# What a data file that is not UTF-8 text is, by its first bytes
+PACKED = {b"\x1f\x8b": "a gzip-compressed file (gunzip it)", b"PK\x03\x04": "a zip archive (unzip it)",
+          b"BZh": "a bzip2-compressed file (bunzip2 it)", b"\xfd7zXZ\x00": "an xz-compressed file (unxz it)",
+          b"\xff\xfe": "UTF-16 text (save it as UTF-8)", b"\xfe\xff": "UTF-16 text (save it as UTF-8)",
+          b"PAR1": "a Parquet file (write its rows as JSON Lines, e.g. pandas' to_json(lines=True))"}
 
 
 def parse_jsonl(path, quiet=False):
@@ -173,10 +223,15 @@ def parse_jsonl(path, quiet=False):
     """
     try:
         with open(path, "rb") as f:
-            raw_lines = f.read().split(b"\n")
+            raw = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
-    records, n_identical, n_no_prompt = [], 0, 0
+    for magic, what in PACKED.items():  # a file that is not text: say what it is
+        if raw.startswith(magic):
+            raise DataError(f"{path}: not JSON Lines text but {what}")
+    # Windows (\r\n) and old Mac (\r) line endings: JSON strings hold no raw \r, so each is a line end
+    raw_lines = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    records, n_identical, n_no_prompt, n_no_boundary = [], 0, 0, 0
     for lineno, raw in enumerate(raw_lines, start=1):
         where = f"{path}:{lineno}"
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -204,12 +259,18 @@ def parse_jsonl(path, quiet=False):
             n_identical += 1
         else:
             records.append(record)
-            n_no_prompt += "prompt" not in obj and not record["prompt"]
+            if "prompt" not in obj and not record["prompt"]:  # nothing shared, or no boundary in it
+                shares = record["chosen"][:1] == record["rejected"][:1]
+                n_no_boundary, n_no_prompt = n_no_boundary + shares, n_no_prompt + (not shares)
     if not records and n_identical:
         raise DataError(f"{path}: no preference pairs in the file: all {n_identical} were skipped "
                         f"because their chosen equals their rejected")
     if not records:
         raise DataError(f"{path}: no preference pairs in the file")
+    if n_no_boundary and not quiet:
+        print(f"warning: {path}: {n_no_boundary} of {len(records)} pairs have no \"prompt\" and chosen and "
+              f"rejected texts whose shared beginning has no word or token boundary to end a prompt at, so "
+              f"their prompt is empty; give those lines a \"prompt\" field")
     if n_no_prompt and not quiet:
         print(f"warning: {path}: {n_no_prompt} of {len(records)} pairs have no \"prompt\" and chosen and "
               f"rejected texts that share no beginning, so their prompt is empty; give those lines a "
@@ -242,19 +303,31 @@ def splits_of(name, flag="--data", quiet=False):
 
 
 def hold_out(records):
-    """(train, held-out) records: a fixed 5% (at most 256) of a shuffled copy held out."""
+    """(train, held-out) records: a fixed 5% (at most 256, and at least one pair of a file with
+    two or more) of a shuffled copy held out."""
     records = list(records)
     random.Random(0).shuffle(records)
-    n_eval = min(256, len(records) // 20)
+    n_eval = min(256, max(len(records) // 20, len(records) > 1))
     return records[n_eval:], records[:n_eval]
 
 
 def run_splits(data, eval_data=""):
     """The (train, eval, test) records a run reads: --data's splits; with --eval-data, all of
     --data trains (its own held-out pairs too) and --eval-data's held-out split evaluates.
-    data.tokenize_splits then tokenizes them."""
+    data.tokenize_splits then tokenizes them. A run with nothing held out stops here (its summary
+    would be empty), and held-out pairs that also train are counted in a warning."""
     train, held_out, test = splits_of(data, "--data")
     if eval_data:
         train = train + held_out
         _, held_out, test = splits_of(eval_data, "--eval-data")
+    if not held_out:
+        flag, name = ("--eval-data", eval_data) if eval_data else ("--data", data)
+        raise DataError(f"{flag} {name}: nothing is held out for evaluation (one pair; 5% of a file, at "
+                        f"least one pair, is held out); give it two or more pairs"
+                        + ("" if eval_data else ", or pass --eval-data FILE"))
+    seen = {(r["prompt"], r["chosen"], r["rejected"]) for r in train}
+    also = sum((r["prompt"], r["chosen"], r["rejected"]) in seen for r in held_out)
+    if also:
+        print(f"warning: {also} of the {len(held_out)} held-out pairs are training pairs too; their "
+              f"held-out figures measure memory, not generalisation")
     return train, held_out, test

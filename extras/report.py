@@ -19,8 +19,9 @@ def print_config(cfg, model, device, dtype, world, global_batch):
     start = f"from {cfg.init}" if cfg.init else "from random weights"
     print(f"model: {c.n_layer} blocks x {c.n_head} heads, width {c.n_embd}, context {c.block_size}, "
           f"vocabulary {c.vocab_size}: {model.num_params() / 1e6:.2f}M parameters, {start}")
-    knobs = LOSSES[cfg.loss].knobs if cfg.loss in LOSSES else {}
-    recipe = ", ".join([f"loss {cfg.loss}"] + [f"{k} {getattr(cfg, k)}" for k in knobs if getattr(cfg, k)])
+    knobs = LOSSES[cfg.loss].knobs if cfg.loss in LOSSES else {}  # shown when set, or set off its default
+    recipe = ", ".join([f"loss {cfg.loss}"] + [f"{k} {getattr(cfg, k)}" for k, default in knobs.items()
+                                               if getattr(cfg, k) or getattr(cfg, k) != default])
     print(f"training: {recipe}; {cfg.steps} steps of {global_batch} pairs "
           f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
           f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")

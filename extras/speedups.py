@@ -121,13 +121,15 @@ def precompute_pays(cfg, global_batch, n_pairs):
         cfg.ref_logps == "auto" and cfg.steps * global_batch >= n_pairs)
 
 
-def reference_train_logps(ref, pairs, out, all_pair_logps):
+def reference_train_logps(ref, pairs, out, all_pair_logps, how=""):
     """The reference's log-probs of every training pair, as an (N, 2) tensor of (chosen,
     rejected), so that training needs no reference forward pass. all_pair_logps(model, pairs)
-    computes them (train.py passes its own). Cached in the folder out under a key made of the
-    reference's weights and the tokenized pairs; a cache that cannot be read is computed again.
-    Under torchrun each rank computes every world_size-th pair and the shares are gathered."""
-    key = hashlib.sha256(repr(pairs).encode())
+    computes them (train.py passes its own). Cached in the folder out under a key made of
+    everything that moves their bits: the reference's weights, the tokenized pairs, and how they
+    are computed (how: train.py gives the device and the dtype); a cache that cannot be read is
+    computed again. Under torchrun each rank computes every world_size-th pair and the shares
+    are gathered."""
+    key = hashlib.sha256(repr(pairs).encode() + how.encode())
     for t in ref.state_dict().values():
         key.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     path = os.path.join(out, f"ref_logps-{key.hexdigest()[:16]}.pt")

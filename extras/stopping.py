@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager, suppress
 
 from data import DataError
+from dpop import LOSSES
 from extras.distributed import barrier, close_distributed
 from extras.files import explain_os_error
 
@@ -83,9 +84,12 @@ class catch_signals:
 class StepHealth:
     """Counts the steps that were skipped: their loss or gradient was not finite (optimizer_step
     never applied them), or float16's GradScaler found an overflow. max_bad non-finite steps in a
-    row stop the run with one error line."""
-    def __init__(self, max_bad, ckpt_path):
-        self.max_bad, self.ckpt_path = max_bad, ckpt_path
+    row (cfg.max_bad_steps) stop the run with one error line whose advice names what it can see:
+    the run's --lr and its loss's knobs as they are, and float32 only when the run is not in it."""
+    def __init__(self, cfg, ckpt_path, low_precision=False):
+        self.max_bad, self.ckpt_path, self.low_precision = cfg.max_bad_steps, ckpt_path, low_precision
+        knobs = LOSSES[cfg.loss].knobs if cfg.loss in LOSSES else {}
+        self.settings = {"lr": cfg.lr, **{k: getattr(cfg, k) for k in knobs if getattr(cfg, k)}}
         self.skipped, self.overflow, self.in_a_row = 0, 0, 0
 
     def record(self, step, finite, overflow):
@@ -93,9 +97,12 @@ class StepHealth:
         self.overflow += overflow
         self.in_a_row = 0 if finite else self.in_a_row + 1
         if self.in_a_row >= self.max_bad:
+            given = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in self.settings.items())
+            lower = " or ".join(f"--{k.replace('_', '-')}" for k in self.settings)
+            advice = f"try a lower {lower}" + (", or --dtype float32" if self.low_precision else "")
             sys.exit(f"error: {self.in_a_row} steps in a row had a non-finite loss or gradient "
-                     f"(up to step {step}); stopped. The last good checkpoint is {self.ckpt_path}; "
-                     f"try a lower --lr, or --dtype float32")
+                     f"(up to step {step}, with {given}); stopped. The last good checkpoint is "
+                     f"{self.ckpt_path}; {advice}")
 
     def counts(self):
         return {"skipped_steps": self.skipped, "overflow_steps": self.overflow}

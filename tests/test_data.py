@@ -198,11 +198,13 @@ def test_implicit_prompt_lines(tmp_path):
      "Human: What is the capital of France?\n\nAssistant: Lyon, I think."),
     ("The answer is 1247 apples", "The answer is 1249 apples"),
     ("Q:  two  spaces  here", "Q:  two  spaces  there"),
+    ("347+589=936", "347+589=935"),  # no whitespace in the shared beginning
+    ("答案是：九百三十六", "答案是：九百三十五"),  # CJK: no spaces at all
 ])
 def test_implicit_prompt_split_is_a_gpt2_token_boundary(chosen, rejected):
     enc = load_tokenizer(GPT2_RANKS)
     prompt, c, r = split_shared_prompt(chosen, rejected)
-    assert prompt + c == chosen and prompt + r == rejected
+    assert prompt + c == chosen and prompt + r == rejected and prompt  # a prompt was found
     for full, completion in ((chosen, c), (rejected, r)):
         assert enc.encode_ordinary(prompt) + enc.encode_ordinary(completion) == enc.encode_ordinary(full)
 
@@ -293,8 +295,6 @@ def test_conversational_split_is_a_gpt2_token_boundary():
 
 
 @pytest.mark.parametrize("obj, message", [
-    ({"prompt": "2+2?", "chosen": [A4], "rejected": [A5]},
-     "field 'chosen' is a list of messages but 'prompt' is a string; write prompt, chosen, rejected all as strings"),
     ({"chosen": [Q, A4], "rejected": "2+2? It is 5."},
      "field 'rejected' is a string but 'chosen' is a list of messages"),
     ({"prompt": [Q], "chosen": ["It is 4."], "rejected": [A5]},
@@ -317,6 +317,8 @@ def test_conversational_split_is_a_gpt2_token_boundary():
      "field 'chosen', message 3: a 'user' message where the assistant's reply should be; "
      "chosen and rejected must share every message before the reply"),
     ({"chosen": [Q, A4], "rejected": [Q, A4, A5]}, "field 'chosen' has no message after the conversation"),
+    ({"prompt": [Q], "chosen": [msg("system", "Be brief.")], "rejected": [A5]},
+     "field 'chosen', message 1: a 'system' message where the assistant's reply should be"),
 ])
 def test_bad_conversational_lines_name_path_line_and_field(tmp_path, obj, message):
     path = write_lines(tmp_path / "conv.jsonl", {"prompt": [Q], "chosen": [A4], "rejected": [A5]}, obj)
@@ -337,3 +339,64 @@ def test_implicit_prompt_lines_without_a_shared_beginning_are_counted(tmp_path, 
         in capsys.readouterr().out
     parse_jsonl(str(path), quiet=True)
     assert capsys.readouterr().out == ""
+
+
+def test_no_whitespace_split_and_the_warnings_say_what_happened(tmp_path, capsys):
+    assert split_shared_prompt("347+589=936", "347+589=935") == ("347+589=", "936", "935")
+    path = tmp_path / "mixed.jsonl"
+    lines = [{"chosen": "347+589=936", "rejected": "347+589=935"},  # a prompt at the "=" boundary
+             {"chosen": "abc", "rejected": "abd"},  # a shared beginning inside one word
+             {"chosen": "yes", "rejected": "no"}]  # nothing shared
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records, _ = parse_jsonl(str(path))
+    assert [r["prompt"] for r in records] == ["347+589=", "", ""]
+    out = capsys.readouterr().out
+    assert "1 of 3 pairs have no \"prompt\" and chosen and rejected texts whose shared beginning has no word" in out
+    assert "1 of 3 pairs have no \"prompt\" and chosen and rejected texts that share no beginning" in out
+
+
+def test_a_string_prompt_with_whole_conversations_is_read(tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized: "prompt" a string, "chosen" and "rejected" the whole
+    conversations, which repeat it as their user turn (after a system message here)."""
+    user, system = {"role": "user", "content": "2+2?"}, {"role": "system", "content": "Be brief."}
+    line = {"prompt": "2+2?", "chosen": [system, user, {"role": "assistant", "content": "4"}],
+            "rejected": [system, user, {"role": "assistant", "content": "5"}]}
+    path = tmp_path / "uf.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, "prompt": "2+3?"}) + "\n")
+    with pytest.raises(DataError) as err:
+        parse_jsonl(str(path))
+    assert str(err.value) == (f"{path}:2: field 'chosen', message 2: its user turn differs from 'prompt' at "
+                              f"character 3 ('2?' vs '3?'); with message lists, a string 'prompt' must be "
+                              f"their last user turn")
+    replies = {"prompt": "2+2?", "chosen": [{"role": "assistant", "content": "4"}],
+               "rejected": [{"role": "assistant", "content": "5"}]}  # the replies alone
+    path.write_text(json.dumps(line) + "\n" + json.dumps(replies) + "\n")
+    assert parse_jsonl(str(path))[0] == [
+        {"prompt": "\n\nSystem: Be brief.\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"},
+        {"prompt": "\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"}]
+
+
+def test_the_held_out_split_is_a_fixed_shuffle():
+    """hold_out holds out a fixed 5%, drawn from the whole file (not its first lines), the same
+    every time; the rest trains, nothing lost or repeated."""
+    from extras.formats import hold_out
+    records = list(range(200))
+    train, held = hold_out(records)
+    assert len(held) == 10 and sorted(train + held) == records
+    assert held != records[:10] and held != records[-10:] and hold_out(records) == (train, held)
+
+
+def test_data_files_that_are_not_utf8_text_say_what_they_are(tmp_path):
+    """A compressed or UTF-16 file is named for what it is, with the fix; old Mac line endings
+    (a lone \\r) are read as line ends."""
+    import gzip
+    line = json.dumps({"prompt": "1+1=", "chosen": " 2", "rejected": " 3"})
+    cases = {"d.jsonl.gz": (gzip.compress(line.encode()), "not JSON Lines text but a gzip-compressed file (gunzip it)"),
+             "u16.jsonl": (line.encode("utf-16"), "not JSON Lines text but UTF-16 text (save it as UTF-8)")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError) as err:
+            parse_jsonl(str(tmp_path / name))
+        assert str(err.value) == f"{tmp_path / name}: {message}"
+    (tmp_path / "mac.jsonl").write_bytes((line + "\r" + line.replace(" 3", " 4") + "\r").encode())
+    assert [r["rejected"] for r in parse_jsonl(str(tmp_path / "mac.jsonl"))[0]] == [" 3", " 4"]

@@ -102,6 +102,9 @@ def test_closed_form_values():
         ("ipo", 0.0): (5 - 5) ** 2,              # 1 / (2 beta) = 5
         ("hinge", 0.0): 0.5,                     # 1 - 0.5
     }
+    # past the hinge's margin (beta * d = 1.5 > 1) the loss is 0, not negative
+    got, _, _ = preference_loss(pc, pr, rc, rr, loss="hinge", beta=0.3)
+    assert got.item() == 0.0
     for (loss, eps), expected in cases.items():
         smoothing = {"label_smoothing": eps} if eps else {}
         got, rw_c, rw_r = preference_loss(pc, pr, rc, rr, loss=loss, beta=0.1, **smoothing)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY_MODEL
+from conftest import GPT2_RANKS, ROOT, TINY_MODEL
 from data import DataError, builtin_data, load_tokenizer, tokenize_pairs
 from extras import checkpoints, config, files, speedups
 from extras.formats import parse_jsonl
@@ -186,7 +186,8 @@ def test_too_many_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(
         return (losses if len(calls) <= 4 else losses * float("nan")), c, r
     monkeypatch.setattr(train, "preference_loss", nan_after_four)
     message = error_of(args)
-    assert "3 steps in a row had a non-finite loss or gradient (up to step 7)" in message
+    assert "3 steps in a row had a non-finite loss or gradient (up to step 7, with --lr 0.0004, --beta 0.1)" in message
+    assert message.endswith("try a lower --lr or --beta")  # float32 already: no --dtype advice
     ckpt = load_checkpoint(str(tmp_path / "bad" / "ckpt.pt"))
     assert ckpt["step"] == 6 and not ckpt["done"]  # step 6's weights are those of step 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -253,6 +254,20 @@ def test_the_reference_is_reused_only_with_the_same_recipe(tmp_path, made_with, 
         with pytest.raises(DataError) as err:
             claimed(sft_config(tmp_path, **now), run_cfg)
         assert f"made with another recipe: {differ}; delete {tmp_path / 'sft'}" in str(err.value)
+
+
+def test_a_reference_from_before_the_loss_registry_is_reused(tmp_path):
+    """Checkpoints written before the registry hold every loss's knob at its value (lam 50.0 in an
+    SFT run's config); knobs the run's loss does not read count for neither --resume nor reuse."""
+    cfg = sft_config(tmp_path)
+    fake_reference(cfg)
+    ckpt = checkpoints.load_checkpoint(os.path.join(cfg.out, "ckpt.pt"))
+    ckpt["config"].update(lam=50.0, rpo_alpha=1.0, label_smoothing=0.0)
+    files.save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), ckpt)
+    assert claimed(sft_config(tmp_path), TrainConfig(loss="dpop", out=str(tmp_path / "dpop"))) is True
+    checkpoints.check_resume(cfg, ckpt)  # no DataError
+    with pytest.raises(DataError, match=r"beta \(0.1 -> 0.2\)"):  # a knob it reads still counts
+        checkpoints.check_resume(sft_config(tmp_path, beta=0.2), ckpt)
 
 
 def test_a_reference_from_before_sft_check_every_was_checked_at_each_eval(tmp_path):
@@ -742,3 +757,98 @@ def test_the_knobs_declare_what_resume_and_the_sft_reference_may_change():
         "data", "eval_data", "tokenizer", "seed", "device", "dtype", "eval_every", "log_every",
         "sft_target_acc", "sft_check_every", "max_bad_steps", "dropout", "n_layer", "n_head",
         "n_embd", "block_size"}
+
+
+def write_ranks(path, lines):
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
+def test_tokenizer_files_are_checked_before_use(tmp_path, tiny_args):
+    """Every .tiktoken the tool reads is checked: empty, cut short (at a line, so what is left
+    parses), without a byte the data needs, or not a ranks file: one line each, no traceback."""
+    lines = open(GPT2_RANKS).read().splitlines(keepends=True)
+    cases = {
+        write_ranks(tmp_path / "empty.tiktoken", []): "the file is empty",
+        write_ranks(tmp_path / "few.tiktoken", lines[:100]): "156 of the 256 single bytes have no rank",
+        write_ranks(tmp_path / "gpt2.tiktoken", lines[:1000]): "1000 ranks where the real file has 50256",
+        write_ranks(tmp_path / "gap.tiktoken", lines[1:300]): "1 of the 256 single bytes have no rank",
+        write_ranks(tmp_path / "text.tiktoken", ["hello world\n"]): "not a .tiktoken ranks file",
+    }
+    for path, message in cases.items():
+        assert message in error_of(tiny_args("t", "--loss", "sft", "--tokenizer", path, "--steps", "1")), path
+
+
+def test_devices_and_a_compiler_that_are_not_here_are_refused_up_front(tiny_args, monkeypatch):
+    if not torch.backends.mps.is_available():
+        assert "--device mps: no Apple GPU (MPS) is available here" in error_of(tiny_args("d", "--device", "mps"))
+    monkeypatch.setattr(config.shutil, "which", lambda name: None)
+    assert "--compile: no C++ compiler found" in error_of(tiny_args("c", "--loss", "sft", "--compile"))
+
+
+def test_init_given_a_run_folder_points_at_its_checkpoint(tiny_args, sft_ckpt):
+    folder = os.path.dirname(sft_ckpt)
+    message = error_of(tiny_args("f", "--init", folder, "--steps", "1"))
+    assert f"is a train.py run's folder: pass its checkpoint, --init {sft_ckpt}" in message
+
+
+def test_resume_without_the_first_runs_init_says_so_before_any_work(tmp_path, tiny_args, sft_ckpt,
+                                                                     small_pairs, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default SFT model's folder would be out/ here
+    main(tiny_args("run", "--loss", "dpo", "--init", sft_ckpt, "--data", small_pairs, "--steps", "2",
+                   "--batch-size", "4"))
+    message = error_of(tiny_args("run", "--loss", "dpo", "--data", small_pairs, "--steps", "4",
+                                 "--batch-size", "4", "--resume"))
+    assert f"was started from --init {sft_ckpt}; add --init {sft_ckpt}" in message
+    assert not os.path.exists(tmp_path / "out" / "sft-pairs-seed1337" / "ckpt.pt")  # no SFT stage ran
+
+
+def test_held_out_data_is_checked(tmp_path, tiny_args, sft_ckpt, small_pairs, capsys):
+    one = tmp_path / "one.jsonl"
+    one.write_text(open(small_pairs).readline())
+    message = error_of(tiny_args("h", "--init", sft_ckpt, "--data", str(one), "--steps", "1", "--batch-size", "1"))
+    assert f"--data {one}: nothing is held out for evaluation" in message and "--eval-data FILE" in message
+    message = error_of(tiny_args("h", "--init", sft_ckpt, "--data", small_pairs, "--eval-data", str(one),
+                                 "--steps", "1", "--batch-size", "1"))
+    assert f"--eval-data {one}: nothing is held out" in message
+    ten = tmp_path / "ten.jsonl"  # 5% of 10 pairs rounds to none: one is held out all the same
+    ten.write_text("".join(open(small_pairs).readlines()[:10]))
+    summary = main(tiny_args("ten", "--init", sft_ckpt, "--data", small_pairs, "--eval-data", str(ten),
+                             "--steps", "1", "--batch-size", "4"))
+    assert "logratio/chosen" in summary["trained"]
+    # ten's pairs are small_pairs' first ten, all of which train: the held-out one is counted
+    assert "warning: 1 of the 1 held-out pairs are training pairs too" in capsys.readouterr().out
+    main(tiny_args("other", "--init", sft_ckpt, "--data", small_pairs, "--steps", "1", "--batch-size", "4"))
+    assert "training pairs too" not in capsys.readouterr().out
+
+
+def test_the_reference_cache_is_keyed_by_how_it_was_computed(tmp_path):
+    """Two dtypes (or devices) compute other bits: each gets its own cached table."""
+    enc = load_tokenizer("byte")
+    pairs = tokenize_pairs(builtin_data("arith")["train"][:8], enc, 48)[0]
+    ref = train.frozen_copy(GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=48, n_layer=1, n_head=2, n_embd=32)))
+    for how in ("cpu torch.float32", "cpu torch.bfloat16", "cpu torch.float32"):
+        speedups.reference_train_logps(ref, pairs, str(tmp_path), lambda m, some: train.all_pair_logps(
+            m, some, enc, nullcontext(), CPU), how)
+    assert len(list(tmp_path.glob("ref_logps-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sample", ["x.pt", "--top-k", "0"], "--top-k must be positive, got 0"),
+    ("sample", ["x.pt", "--top-k=-3"], "--top-k must be positive, got -3"),
+    ("sample", ["x.pt", "--temperature", "nan"], "--temperature must be a finite number"),
+    ("sample", ["x.pt", "--max-new-tokens", "0"], "--max-new-tokens must be positive"),
+    ("bench", ["--batch", "0"], "--batch must be positive, got 0"),
+    ("bench", ["--warmup", "5", "--steps", "3"], "--warmup 5 leaves no timed step of --steps 3"),
+    ("bench", ["--threads", "0"], "--threads must be positive"),
+    ("bench", ["--device", "tpu"], "--device tpu: choose cpu or cuda"),
+    ("bench", ["--vs-trl", "/no/such/python"], "--vs-trl /no/such/python: no such python"),
+    ("experiment", ["--demo-range", "--jobs", "0"], "--jobs must be positive, got 0"),
+    ("experiment", ["--demo-range", "--kernels", "avx1024"], "--kernels avx1024: not a kernel path"),
+])
+def test_every_scripts_flags_are_checked_up_front(script, argv, message):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as err:
+        module.parse_args(argv)
+    assert str(err.value).startswith("error: ") and message in str(err.value) and "\n" not in str(err.value)

@@ -101,3 +101,14 @@ def test_plot_runs_without_matplotlib_says_how_to_install_it(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     experiment.main(["--plot-runs", str(tmp_path / "dpo"), "--figure", str(tmp_path / "runs.png")])
     assert "pip install matplotlib" in capsys.readouterr().out and not (tmp_path / "runs.png").exists()
+
+
+def test_top_k_one_samples_the_greedy_completion(two_ckpts, capsys):
+    """--top-k restricts sampling: with k = 1 every seed and temperature gives the greedy text."""
+    sample.main([two_ckpts[1], "--problems", "3"])
+    greedy = capsys.readouterr().out.split("\n", 1)[1]
+    for seed in ("1", "2"):
+        sample.main([two_ckpts[1], "--problems", "3", "--temperature", "2", "--top-k", "1", "--seed", seed])
+        assert capsys.readouterr().out.split("\n", 1)[1] == greedy
+    sample.main([two_ckpts[1], "--problems", "3", "--temperature", "2", "--seed", "1"])
+    assert capsys.readouterr().out.split("\n", 1)[1] != greedy  # without top-k it samples

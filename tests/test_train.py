@@ -11,7 +11,7 @@ import train
 from conftest import TINY_MODEL
 
 from data import load_tokenizer, tokenize_pairs, builtin_data, collate
-from dpop import preference_loss
+from dpop import LOSSES, preference_loss
 from model import GPT, GPTConfig
 from extras import checkpoints
 from extras.checkpoints import load_checkpoint
@@ -36,9 +36,9 @@ def test_sft_lowers_the_loss(sft_ckpt):
 
 @pytest.mark.parametrize("loss", ["dpo", "dpop", "rpo", "ipo", "hinge"])
 def test_preference_run_lowers_the_loss(tmp_path, tiny_args, sft_ckpt, loss):
-    """30 steps on 16 built-in pairs written as JSONL (every step sees the same 16 pairs)."""
+    """30 steps on 17 built-in pairs written as JSONL, one held out (every step sees the same 16)."""
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_data("arith")["train"][:16]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_data("arith")["train"][:17]))
     main(tiny_args(loss, "--loss", loss, "--init", sft_ckpt, "--data", str(data), "--steps", "30",
                    "--batch-size", "16", "--lr", "1e-3", "--eval-every", "30"))
     log = train_rows(str(tmp_path / loss))
@@ -47,7 +47,7 @@ def test_preference_run_lowers_the_loss(tmp_path, tiny_args, sft_ckpt, loss):
         assert log[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-4)
         for r in log:
             assert r["loss"] == pytest.approx(r["loss/dpo"] + r["loss/nll"], abs=1e-5)
-        start = log[0]["loss"]
+        start = math.log(2) + log[0]["loss/nll"]  # alpha 1: ln 2 plus the NLL, step 1 at the reference
         assert log[-1]["loss/nll"] < log[0]["loss/nll"]  # the SFT term keeps the chosen likely
     assert log[0]["loss"] == pytest.approx(start, abs=1e-4)
     assert sum(r["loss"] for r in log[-5:]) / 5 < 0.9 * start
@@ -300,7 +300,8 @@ def test_docs_flags_lists_every_flag_of_help_and_no_other(capsys):
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "flags.md"), encoding="utf-8") as f:
         table = f.read().split("| --- | --- |")[1].split("\n\n")[0]
     in_docs = set(re.findall(r"`(--[a-z-]+)", table))
-    assert in_help == in_docs, (sorted(in_help - in_docs), sorted(in_docs - in_help))
+    assert in_help == in_docs, f"in --help only: {sorted(in_help - in_docs)}; in docs/flags.md only: {sorted(in_docs - in_help)}"
+    assert f"`--loss {{{','.join(['sft', *LOSSES])}}}`" in table  # the losses' names, all of them
 
 
 def test_simpo_trains_with_no_reference_model(tmp_path, tiny_args, sft_ckpt, monkeypatch, capsys):
@@ -321,3 +322,41 @@ def test_simpo_trains_with_no_reference_model(tmp_path, tiny_args, sft_ckpt, mon
     assert {"loss", "rewards/accuracies", "logratio/chosen", "logratio/rejected", "gen_accuracy"} <= trained.keys()
     assert "gen_accuracy" in summary["reference"]  # the starting model's, on the test problems
     assert "chosen log-prob change" in out and "vs start" in out
+
+
+def test_optimizer_step_under_float16s_grad_scaler():
+    """The float16 branch: an overflowing gradient is the GradScaler's to skip (the weights stay,
+    the scale halves, the step counts as an overflow, not as non-finite); a finite one steps."""
+    model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4))
+    opt = make_optimizer(model, TrainConfig(lr=1e-2), torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.tensor(1.0))  # as the loop's backward does: the scale exists from here
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    _, finite, overflow = train.optimizer_step(model, opt, scaler, 1.0, 0.5)
+    assert finite and overflow and scaler.get_scale() == 512.0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) * scaler.get_scale()
+    _, finite, overflow = train.optimizer_step(model, opt, scaler, 1.0, 0.5)
+    assert finite and not overflow and not torch.equal(before["lm_head.weight"], model.state_dict()["lm_head.weight"])
+
+
+def test_held_out_metrics_equal_hand_computed_values(sft_ckpt):
+    """evaluate's figures from the log-probs themselves: SFT's NLL per chosen completion token
+    (the prompt's tokens not counted), and RPO's loss/nll over the chosen completions' lengths
+    (not the rejected's)."""
+    from contextlib import nullcontext
+    model = checkpoints.model_from_checkpoint(sft_ckpt)[0]
+    enc, cpu = load_tokenizer("byte"), torch.device("cpu")
+    pairs = tokenize_pairs(builtin_data("arith")["eval"][:12], enc, 48)[0]
+    chosen, rejected = train.all_pair_logps(model, pairs, enc, nullcontext(), cpu)
+    n_chosen = torch.tensor([len(c) for _, c, _ in pairs], dtype=torch.float32)
+    sft = train.evaluate(model, TrainConfig(loss="sft"), enc, nullcontext(), cpu, pairs, None, [])
+    assert sft["chosen_nll"] == pytest.approx(-chosen.sum().item() / n_chosen.sum().item(), rel=1e-6)
+    start = (chosen + 1.0, rejected - 2.0)  # a made-up starting model: c = -1, r = +2 on every pair
+    rpo = train.evaluate(model, TrainConfig(loss="rpo"), enc, nullcontext(), cpu, pairs, start, [])
+    assert rpo["loss/nll"] == pytest.approx((-chosen / n_chosen).mean().item(), rel=1e-6)
+    assert rpo["logratio/chosen"] == pytest.approx(-1.0, abs=1e-5)
+    assert rpo["loss/dpo"] == pytest.approx(-math.log(1 / (1 + math.exp(0.3))), rel=1e-5)  # beta (c - r) = -0.3
