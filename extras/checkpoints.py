@@ -35,6 +35,11 @@ def _sha256(path, size, mtime_ns):  # size and mtime: an edited file is read aga
     return h.hexdigest()[:16]
 
 
+@lru_cache(maxsize=8)
+def tokenizer_ids(spec):  # a checkpoint's every save: computed once per tokenizer
+    return tokenizer_id(load_tokenizer(spec))
+
+
 def file_digests(cfg):
     """{flag: digest} of the files a run reads its data, tokenizer and starting weights from, so
     that an edited pairs.jsonl, or an SFT reference trained again, is noticed."""
@@ -45,6 +50,16 @@ def file_digests(cfg):
             st = os.stat(path)
             digests[name] = _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
     return digests
+
+
+def tokenizer_id(enc):
+    """A tokenizer's identity, whatever its spec (gpt2, or the path of gpt2's ranks file): a
+    digest of every token's bytes, in id order. Two tokenizers of one size that split text
+    differently have different ids, so a checkpoint is never read with another's tokens."""
+    h = hashlib.sha256()
+    for i in range(enc.n_vocab):
+        h.update(enc.decode_single_token_bytes(i) + b"\0")
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +75,7 @@ def save_training_state(path, model, optimizer, scaler, step, done, cfg):
         "scaler": scaler.state_dict(), "step": step, "done": done,
         "config": dataclasses.asdict(cfg), "model_config": dataclasses.asdict(model.config),
         "processes": rank_and_world()[1], "files": file_digests(cfg),
+        "tokenizer_id": tokenizer_ids(cfg.tokenizer),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
 
@@ -160,6 +176,9 @@ def model_from_init(init_ckpt, cfg, enc, config_class):
         raise DataError(f"--init {cfg.init}: the model has a vocabulary of {gptconf.vocab_size} but "
                         f"--tokenizer {cfg.tokenizer} has {enc.n_vocab}; use the checkpoint's "
                         f"tokenizer (--tokenizer {init_ckpt['config'].get('tokenizer')})")
+    if "tokenizer_id" in init_ckpt and init_ckpt["tokenizer_id"] != tokenizer_id(enc):  # one size, other tokens
+        raise DataError(f"--init {cfg.init} was trained with another tokenizer than --tokenizer {cfg.tokenizer} "
+                        f"(the same size, other tokens); use its own (--tokenizer {init_ckpt['config'].get('tokenizer')})")
     model = GPT(gptconf)
     load_weights(model, state_dict, cfg.init)
     return model

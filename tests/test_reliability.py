@@ -1,5 +1,6 @@
 """Bad input, interruption, numerical faults, and what a run finds on disk (torn or stale files,
 a full or read-only disk, another run on the same folder): one-line errors, nothing lost."""
+import base64
 import dataclasses
 import errno
 import glob
@@ -759,25 +760,28 @@ def test_the_knobs_declare_what_resume_and_the_sft_reference_may_change():
         "n_embd", "block_size"}
 
 
-def write_ranks(path, lines):
-    path.write_text("".join(lines))
+def write_ranks(path, ranks):
+    """A .tiktoken ranks file: one "base64(token) rank" line per (token, rank)."""
+    path.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks))
     return str(path)
 
 
-@pytest.mark.skipif(not os.path.exists(GPT2_RANKS), reason="shared/data/gpt2.tiktoken not present")
 def test_tokenizer_files_are_checked_before_use(tmp_path, tiny_args):
     """Every .tiktoken the tool reads is checked: empty, cut short (at a line, so what is left
-    parses), without a byte the data needs, or not a ranks file: one line each, no traceback."""
-    lines = open(GPT2_RANKS).read().splitlines(keepends=True)
+    parses), without a byte the data needs, numbered with a gap, or not a ranks file: one line
+    each, no traceback. A whole byte-level file passes."""
+    whole = [(bytes([i]), i) for i in range(256)] + [(b"12", 256), (b"+1", 257)]
     cases = {
         write_ranks(tmp_path / "empty.tiktoken", []): "the file is empty",
-        write_ranks(tmp_path / "few.tiktoken", lines[:100]): "156 of the 256 single bytes have no rank",
-        write_ranks(tmp_path / "gpt2.tiktoken", lines[:1000]): "1000 ranks where the real file has 50256",
-        write_ranks(tmp_path / "gap.tiktoken", lines[1:300]): "1 of the 256 single bytes have no rank",
-        write_ranks(tmp_path / "text.tiktoken", ["hello world\n"]): "not a .tiktoken ranks file",
+        write_ranks(tmp_path / "few.tiktoken", whole[:100]): "156 of the 256 single bytes have no rank",
+        write_ranks(tmp_path / "gpt2.tiktoken", whole): "258 ranks where the real file has 50256",
+        write_ranks(tmp_path / "gap.tiktoken", whole[:256] + [(b"12", 300)]): "ranks, not numbered 0 to n-1",
     }
+    (tmp_path / "text.tiktoken").write_text("hello world\n")
+    cases[str(tmp_path / "text.tiktoken")] = "not a .tiktoken ranks file"
     for path, message in cases.items():
         assert message in error_of(tiny_args("t", "--loss", "sft", "--tokenizer", path, "--steps", "1")), path
+    assert load_tokenizer(write_ranks(tmp_path / "mine.tiktoken", whole)).n_vocab == 259
 
 
 def test_devices_and_a_compiler_that_are_not_here_are_refused_up_front(tiny_args, monkeypatch):
@@ -852,3 +856,15 @@ def test_every_scripts_flags_are_checked_up_front(script, argv, message):
     with pytest.raises(SystemExit) as err:
         module.parse_args(argv)
     assert str(err.value).startswith("error: ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_init_with_a_tokenizer_of_its_size_but_other_tokens_is_refused(tmp_path, tiny_args, sft_ckpt):
+    """The checkpoint records its tokenizer's identity, not only its size: 257 tokens in another
+    order than the byte tokenizer's are refused; the same tokens from a file are accepted."""
+    byte_tokens = [(bytes([i]), i) for i in range(256)]
+    same = write_ranks(tmp_path / "same.tiktoken", byte_tokens)
+    other = write_ranks(tmp_path / "other.tiktoken", [(bytes([255 - i]), i) for i in range(256)])
+    message = error_of(tiny_args("o", "--init", sft_ckpt, "--tokenizer", other, "--steps", "1"))
+    assert f"--init {sft_ckpt} was trained with another tokenizer than --tokenizer {other}" in message
+    assert "use its own (--tokenizer byte)" in message
+    main(tiny_args("s", "--init", sft_ckpt, "--tokenizer", same, "--steps", "1", "--batch-size", "4"))
