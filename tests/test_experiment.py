@@ -23,6 +23,13 @@ def test_quick_mode_runs_the_whole_grid_and_resumes(tmp_path, capsys):
     for lam in ("0", "5", "50", "500"):
         assert f"\n| {lam} | " in report
     results = json.load(open(os.path.join(out, "results.json")))
+    # each cell of the main table is its own column's figure (one seed: the value itself)
+    for r in results:
+        if r["lam"] is None:
+            cells = [100 * r["accuracy"], r["chosen"], r["rejected"], r["margin"], 100 * r["reward_acc"]]
+            row = (f"| {r['data']} | {experiment.NAMES[r['method']]} | {cells[0]:.1f}% | {cells[1]:+.2f} | "
+                   f"{cells[2]:+.2f} | {cells[3]:+.2f} | {cells[4]:.1f}% |")
+            assert row in report, row
     assert len(results) == 5 + 5 + 5 + 2  # arith, arith-hed, self, the two extra lam values
     assert all(set(r["tokens"]) == {"before", "at", "after"} for r in results if r["data"] == "arith")
     # the self variant: each rejected is one of the reference's samples with a wrong final answer
@@ -125,3 +132,25 @@ def test_a_bad_flag_is_one_error_line(argv, message):
         experiment.parse_args(argv)
     err = str(exit.value.code)  # what the interpreter prints to stderr as it exits
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_mean_and_sample_sd():
+    """Tables give the mean ± the sample standard deviation (n - 1), and one seed's value alone."""
+    assert experiment.mean_sd([1.0, 2.0, 3.0, 4.0], "{:.2f}") == "2.50 ± 1.29"  # the population's is 1.12
+    assert experiment.mean_sd([-1.5], "{:+.2f}") == "-1.50"
+    assert experiment.mean_sd([-1.0, -3.0], "{:+.2f}") == "-2.00 ± 1.41"
+
+
+def test_bench_counts_the_flops_of_a_step_by_hand():
+    """bench.py's model FLOPs for one pair (prompt 3, chosen 2, rejected 1 tokens) on a 1-block
+    model of width 4 and vocabulary 10: the two rows of 5 and 4 tokens, 6 per weight per token
+    (12 C^2 weights a block) plus attention's 12 T^2 C a row, and the head's 6 V C at the 3
+    completion tokens; one packed row of 4 tokens with --share-prompt; a third more for the
+    reference's forward every step."""
+    import bench
+    config = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=4)
+    pair = [([0, 1, 2], [3, 4], [5])]
+    two_rows = (6 * 12 * 16 * 5 + 12 * 25 * 4) + (6 * 12 * 16 * 4 + 12 * 16 * 4) + 6 * 10 * 4 * 3
+    assert bench.model_flops_per_step(config, pair, False) == two_rows == 13056
+    assert bench.model_flops_per_step(config, pair, False, shared=True) == 6 * 12 * 16 * 4 + 12 * 16 * 4 + 720
+    assert bench.model_flops_per_step(config, pair, True) == pytest.approx(13056 * 4 / 3)
