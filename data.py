@@ -290,7 +290,7 @@ def tokenize_splits(splits, enc, block_size, name):
     Args:
         splits: (train, eval, test): records for training and for evaluation, and test problems
             as (prompt, answer). builtin_data's splits, or those of a JSONL file (--data and
-            --eval-data are read by extras/formats.py: run_splits).
+            --eval-data are read by extras/splits.py: run_splits).
         name: the data's name, for the messages.
     Returns:
         (train_pairs, eval_pairs, val_problems, test_problems): pairs from tokenize_pairs, and

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from data import answer_of, batch_indices, collate, load_tokenizer, tokenize_splits
 from dpop import LOSSES, PairLogps, completion_logps, preference_loss, preference_metrics, sequence_logps
 from extras import checkpoints, config, distributed, files, report, speedups, stopping
-from extras.formats import run_splits
+from extras.splits import run_splits
 from extras.generation import complete
 from extras.hf_gpt2 import save_hf_gpt2
 from model import GPT, GPTConfig
@@ -332,7 +332,7 @@ def train(cfg):
     enc = load_tokenizer(cfg.tokenizer)
     # checkpoints.load_init reads --init: a train.py checkpoint or Hugging Face GPT-2 weights
     model = build_model(cfg, enc, checkpoints.load_init(cfg.init) if cfg.init else None).to(device)
-    # extras/formats.run_splits: the built-in splits, or a JSONL file's (and --eval-data's)
+    # extras/splits.run_splits: the built-in splits, or a JSONL file's (and --eval-data's)
     train_pairs, eval_pairs, val_problems, test_problems = tokenize_splits(
         run_splits(cfg.data, cfg.eval_data), enc, model.config.block_size, cfg.data)
     global_batch = cfg.batch_size * cfg.grad_accum * world  # distinct pairs per optimizer step

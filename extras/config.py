@@ -21,7 +21,7 @@ import torch
 from data import BUILTIN, DataError, load_tokenizer
 from dpop import KNOBS, LOSSES
 from extras.distributed import rank_and_world
-from extras.formats import check_data_name, splits_of
+from extras.splits import check_data_name, splits_of
 
 # GPT-2 has 1024 positions. 65536 is 64 times that and already costs n_embd x 256 KiB of position
 # embeddings and, on a CPU, a (T, T) attention matrix per head of 16 GiB; --block-size 1000000000

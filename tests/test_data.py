@@ -379,7 +379,7 @@ def test_a_string_prompt_with_whole_conversations_is_read(tmp_path):
 def test_the_held_out_split_is_a_fixed_shuffle():
     """hold_out holds out a fixed 5%, drawn from the whole file (not its first lines), the same
     every time; the rest trains, nothing lost or repeated."""
-    from extras.formats import hold_out
+    from extras.splits import hold_out
     records = list(range(200))
     train, held = hold_out(records)
     assert len(held) == 10 and sorted(train + held) == records
