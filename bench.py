@@ -17,6 +17,8 @@ and the peak GPU memory is printed too.
     python bench.py --share-prompt                    # one packed row per pair: prompts read once
     python bench.py --vs-trl /tmp/trl-venv/bin/python --rounds 2   # alternate with TRL, a table
     python bench.py --device cuda --dtype bfloat16 --model gpt2 --batch 32 --shots 8   # a GPU
+    python bench.py --demo sft                        # the demo's SFT step: its model, data, batch
+    python bench.py --demo dpop --profile /tmp/p.txt  # the demo's DPOP step, and where its time goes
     bash .ci/gpu_mfu.sh                               # GPT-2 shapes, rows of 512 and 1024 tokens
 
 Rows of a chosen length: --prompt-tokens N puts enough solved examples before each question that
@@ -39,10 +41,11 @@ from types import SimpleNamespace
 
 import torch
 
-from data import collate
-from data import DataError
+from data import DataError, batch_indices, collate, load_tokenizer, tokenize_splits
+from extras import flops
 from extras.config import (ArgumentParser, HelpFormatter, check_compiler, check_device, check_python,
                            check_ranges)
+from extras.splits import run_splits
 from extras.speedups import (collate_shared, manual_attention, reference_train_logps,
                              sparse_embedding_grad, to_device)
 from model import GPT, GPTConfig
@@ -57,7 +60,11 @@ def parse_args(argv=None):
     work = p.add_argument_group("the work: what one timed step trains")
     work.add_argument("--model", default="bench", choices=("bench", "gpt2"),
                       help="bench: the TRL harness's 6x6x384 shape; gpt2: GPT-2 124M's 12x12x768")
-    work.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    work.add_argument("--demo", choices=("sft", "dpop"), default="",
+                      help="instead: the demo's model (train.py's defaults, random weights), its data in its "
+                           "order and its batch, training its SFT step or its DPOP step (DPO's costs the same)")
+    work.add_argument("--batch", type=int, default=None, help="pairs per optimizer step (default: 8; --demo: "
+                                                              "the stage's, 64 or 32)")
     work.add_argument("--shots", type=int, default=0, help="solved examples before each prompt (long prompts)")
     work.add_argument("--prompt-tokens", type=int, default=0, metavar="N",
                       help="instead of --shots: prompts of exactly N tokens (enough solved examples, "
@@ -81,7 +88,8 @@ def parse_args(argv=None):
     machine.add_argument("--device", default="cpu", help="cpu or cuda")
     machine.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                          help="autocast dtype (float16 adds a GradScaler)")
-    machine.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    machine.add_argument("--threads", type=int, default=None,
+                         help="CPU threads (torch.set_num_threads; default 1, --demo: torch's default, as train.py)")
     compare = p.add_argument_group("against TRL, and a profile")
     compare.add_argument("--vs-trl", default="", metavar="PYTHON",
                          help="the python of a virtual environment with TRL: alternate our step and "
@@ -96,6 +104,10 @@ def parse_args(argv=None):
         p.error("--prompt-tokens chooses the number of shots: pass one of the two")
     if args.prompt_tokens and args.vs_trl:
         p.error("--prompt-tokens: TRL's harness takes only --shots")
+    if args.demo and (args.vs_trl or args.shots or args.prompt_tokens or args.model != "bench"):
+        p.error("--demo trains the demo's own model and data: drop --vs-trl, --shots, --prompt-tokens and --model")
+    if args.threads is None:
+        args.threads = torch.get_num_threads() if args.demo else 1
     try:  # every flag up front, by its own name: not after a run, nor as a traceback
         check_ranges(vars(args), {"batch": "positive", "shots": "zero or positive", "prompt_tokens": "zero or positive",
                                   "steps": "positive", "warmup": "zero or positive", "threads": "positive",
@@ -113,45 +125,6 @@ def parse_args(argv=None):
     except DataError as e:
         p.error(str(e))
     return args
-
-
-def matmul_flops_per_s(device, dtype, repeats=5):
-    """The machine's matmul throughput: the best of a few n^3 GEMMs (float32 with this thread
-    count on the CPU, n = 1024; bf16 or fp16 on a GPU, n = 8192)."""
-    n = 8192 if device.type == "cuda" else 1024
-    if device.type != "cuda":
-        dtype = torch.float32
-    elif dtype == torch.float32:
-        dtype = torch.bfloat16  # MFU is quoted against the card's bf16 peak
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def model_flops_per_step(config, pairs, ref_every_step, shared=False):
-    """The FLOPs a training step needs, counting matmuls: 6 per weight per token for the policy's
-    forward and backward through the blocks, plus attention's 12 * L * T * C per token; the
-    vocabulary head (V * C weights) only at completion tokens, the only logits the loss uses; and
-    a third of all that again for the reference's forward when it runs every step. With shared
-    prompts a pair is one row of prompt + chosen + rejected, so its prompt is counted once."""
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
-    flops = 0
-    for p, c, r in pairs:
-        rows = [len(p) + len(c) + len(r) - 2] if shared else [len(p) + len(c), len(p) + len(r)]
-        flops += sum(6 * 12 * L * C * C * T + 12 * L * T * T * C for T in rows)
-        flops += 6 * V * C * (len(c) + len(r))
-    return flops * (4 / 3 if ref_every_step else 1)
 
 
 SHOT_MIN_TOKENS = 16  # the shortest solved example, "Q: 12+34= A: 46\n", in byte tokens
@@ -180,32 +153,52 @@ def profile_steps(path, title, device, step, n=3):
     with torch.profiler.profile(activities=activities) as prof:
         for i in range(n):
             step(i)
-        sync(device)
+        flops.synchronize(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with open(path, "w") as f:
         f.write(f"{title}; {n} steps, sorted by {key}\n")
         f.write(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 
+def harness_work(args):
+    """TRL's harness: its model shape (or GPT-2's), its synthetic pairs, DPO at batch args.batch.
+    Returns (GPTConfig, pairs in step order, shots, pad id, TrainConfig)."""
+    sys.path.insert(0, args.synth)
+    import synth_prefs
+    shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256) if args.model == "bench" else \
+        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
+    pairs, shots = synthetic_pairs(synth_prefs, args.steps * (args.batch or 8), args.shots, args.prompt_tokens)
+    cfg = TrainConfig(loss="dpo", beta=0.1, lr=1e-5, grad_clip=1.0, batch_size=args.batch or 8,
+                      full_logits=args.full_logits, out=tempfile.mkdtemp(prefix="dpop_bench_"))
+    return GPTConfig(vocab_size=50257, **shape), pairs, shots, synth_prefs.PAD_ID, cfg
+
+
+def demo_work(args):
+    """The demo's stage: train.py's default model, the built-in pairs in the order its run reads
+    them (seed 1337), its batch and loss. Random weights: the shape is what costs."""
+    import train
+    cfg = train.resolve(TrainConfig(loss=args.demo, batch_size=args.batch, full_logits=args.full_logits,
+                                    out=tempfile.mkdtemp(prefix="dpop_bench_")))
+    enc = load_tokenizer(cfg.tokenizer)
+    train_pairs = tokenize_splits(run_splits(cfg.data, ""), enc, cfg.block_size, cfg.data)[0]
+    order = [i for step in range(args.steps) for i in batch_indices(len(train_pairs), cfg.batch_size, step, cfg.seed)]
+    config = GPTConfig(vocab_size=enc.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, n_embd=cfg.n_embd)
+    return config, [train_pairs[i] for i in order], 0, enc.eot_token, cfg
+
+
 def run_ours(args):
     torch.set_num_threads(args.threads)
     if args.manual_attention:
         torch.nn.functional.scaled_dot_product_attention = manual_attention  # this process only
-    sys.path.insert(0, args.synth)
-    import synth_prefs
     torch.manual_seed(0)
-    shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256) if args.model == "bench" else \
-        dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
-    config = GPTConfig(vocab_size=50257, **shape)
+    config, pairs, shots, pad_id, cfg = demo_work(args) if args.demo else harness_work(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     policy = GPT(config).to(device)
-    ref = frozen_copy(policy)
-    pairs, shots = synthetic_pairs(synth_prefs, args.steps * args.batch, args.shots, args.prompt_tokens)
-    cfg = TrainConfig(loss="dpo", beta=0.1, lr=1e-5, grad_clip=1.0, batch_size=args.batch,
-                      full_logits=args.full_logits, out=tempfile.mkdtemp(prefix="dpop_bench_"))
+    ref = frozen_copy(policy) if cfg.loss != "sft" else None
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     optimizer = make_optimizer(policy, cfg, device, fused=not args.unfused_adamw)
@@ -214,19 +207,19 @@ def run_ours(args):
     train_policy = torch.compile(policy) if args.compile else policy
     precompute_s = 0.0
     table = None
-    if args.ref_logps == "precompute":
+    if args.ref_logps == "precompute" and ref is not None:
         t0 = time.perf_counter()
-        pad = SimpleNamespace(eot_token=synth_prefs.PAD_ID)  # all that the pass needs of a tokenizer
+        pad = SimpleNamespace(eot_token=pad_id)  # all that the pass needs of a tokenizer
         table = reference_train_logps(ref, pairs, cfg.out,
                                       lambda m, some: all_pair_logps(m, some, pad, ctx, device))
-        sync(device)
+        flops.synchronize(device)
         precompute_s = time.perf_counter() - t0
         ref = None  # freed: training needs only the table
 
     def train_step(step):  # the loop's step with one micro-batch: forward, backward, update
-        ids = list(range(step * args.batch, (step + 1) * args.batch))
+        ids = list(range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
         batch = to_device((collate_shared if args.share_prompt else collate)(
-            [pairs[i] for i in ids], synth_prefs.PAD_ID), device)
+            [pairs[i] for i in ids], pad_id), device)
         ref_logps = None if table is None else table[ids].to(device).unbind(1)
         with ctx:
             loss, stats = batch_loss(train_policy, ref, batch, cfg, ref_logps)
@@ -234,19 +227,21 @@ def run_ours(args):
         optimizer_step(policy, optimizer, scaler, cfg.grad_clip, stats["loss"])
         return stats, ids
 
-    step_s, tokens = [], []
+    step_s = []
+    meter = flops.Meter(config, pairs, cfg, device, dtype, ref is not None, args.share_prompt)
     for step in range(args.steps):
-        sync(device)
+        flops.synchronize(device)
         t0 = time.perf_counter()
         stats, ids = train_step(step)
-        sync(device)
+        flops.synchronize(device)
         step_s.append(time.perf_counter() - t0)
-        tokens.append(sum(2 * len(p) + len(c) + len(r) for p, c, r in (pairs[i] for i in ids)))
-    steady_s, steady_tokens = sum(step_s[args.warmup:]), sum(tokens[args.warmup:])
+        meter.add(pairs[i] for i in ids)
+        if step < args.warmup:
+            meter.rates(1.0)  # the warm-up steps are left out of the figures
+    steady_s = sum(step_s[args.warmup:])
     mean_len = statistics.mean(len(p) + len(c) for p, c, _ in pairs)
-    tokens_per_s = steady_tokens / steady_s
-    flops = model_flops_per_step(config, pairs, args.ref_logps == "every-step", args.share_prompt) / sum(tokens)
-    peak = matmul_flops_per_s(device, dtype)
+    model_flops_per_token = meter.flops / meter.tokens
+    rates = meter.rates(steady_s)
     gpu = {} if device.type != "cuda" else {
         "gpu": torch.cuda.get_device_name(), "peak_gpu_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20)}
     result = {
@@ -255,16 +250,17 @@ def run_ours(args):
         "fused_adamw": not args.unfused_adamw, "sdpa": not args.manual_attention,
         "sparse_embedding_grad": policy.transformer.wte.sparse,
         "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
-        "model": args.model, "batch": args.batch, "params": policy.num_params(), **gpu,
-        "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(tokens_per_s, 1),
+        "model": f"demo {args.demo}" if args.demo else args.model, "batch": cfg.batch_size, "params": policy.num_params(), **gpu,
+        "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(rates["tokens_per_s"], 1),
         "steady_step_s_median": round(statistics.median(step_s[args.warmup:]), 4),
         "precompute_s": round(precompute_s, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "model_flops_per_token": round(flops), "matmul_gflops": round(peak / 1e9, 2),
-        "fraction_of_matmul_peak": round(flops * tokens_per_s / peak, 3),
+        "model_flops_per_token": round(model_flops_per_token), "matmul_gflops": round(meter.peak / 1e9, 2),
+        "fraction_of_matmul_peak": round(rates["util"], 3),
         "loss_last": round(stats["loss"], 4)}
     if args.profile:
-        title = (f"bench.py: {args.model}, {args.device}, {args.dtype}, batch {args.batch}, rows of "
+        title = (f"bench.py: {args.demo and 'demo ' + args.demo or args.model}, {args.device}, {args.dtype}, "
+                 f"{args.threads} thread(s), batch {cfg.batch_size}, rows of "
                  f"{mean_len:.0f} tokens, ref_logps {args.ref_logps}, share_prompt "
                  f"{args.share_prompt}, compile {args.compile}")
         profile_steps(args.profile, title, device, lambda i: train_step(i % args.steps))
@@ -273,7 +269,7 @@ def run_ours(args):
 
 def vs_trl(args):
     """Alternate TRL's harness and ours, each in a fresh process; print a Markdown table."""
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch or 8),
               "--threads", str(args.threads), "--shots", str(args.shots)]
     ours = [sys.executable, __file__, *common, "--synth", args.synth]
     precompute, share = ["--ref-logps", "precompute"], ["--share-prompt"]
@@ -302,7 +298,7 @@ def vs_trl(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.exists(os.path.join(args.synth, "synth_prefs.py")):
+    if not args.demo and not os.path.exists(os.path.join(args.synth, "synth_prefs.py")):
         sys.exit(f"error: {args.synth}: no synth_prefs.py there; pass --synth FOLDER")
     if args.vs_trl:
         vs_trl(args)

@@ -24,13 +24,14 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from data import answer_of, batch_indices, collate, load_tokenizer, tokenize_splits
 from dpop import LOSSES, PairLogps, completion_logps, preference_loss, preference_metrics, sequence_logps
-from extras import checkpoints, config, distributed, files, report, speedups, stopping
+from extras import checkpoints, config, distributed, files, flops, report, speedups, stopping
 from extras.splits import run_splits
 from extras.generation import complete
 from extras.hf_gpt2 import save_hf_gpt2
@@ -82,8 +83,8 @@ class TrainConfig:
                               range="positive", **WATCH, **INHERIT)
     # the preference losses' own knobs (--beta, --lam, ...) are declared with each loss in dpop.py
     # and inserted here, under this group's title, by config.with_loss_knobs below
-    ref_logps: str = knob("auto", "the reference's log-probs: precompute (once, cached in --out), "
-                                  "every-step, or auto (precompute if each pair is read once or more)",
+    ref_logps: str = knob("auto", "the reference's log-probs: auto (computed before step 1, cached beside --init; "
+                                  "docs/performance.md), precompute (for every pair), or every-step (in the loop)",
                           one_of=("auto", "precompute", "every-step"), **WATCH)
     full_logits: bool = knob(False, "logits at every position, not only the completions' (slower, same maths)",
                              **WATCH)
@@ -125,8 +126,7 @@ def parse_args(argv=None):
 
 
 def resolve(cfg):
-    """Fill the stage defaults, the loss's own knob defaults and the output folder, and refuse
-    values that cannot work."""
+    """Fill the stage defaults, the loss knobs' defaults and the output folder; refuse bad values."""
     stage = STAGE_DEFAULTS["sft" if cfg.loss == "sft" else "preference"]
     cfg = dataclasses.replace(cfg, **{k: v for k, v in stage.items() if getattr(cfg, k) is None})
     config.resolve_loss_knobs(cfg)  # beta 0.1 for dpop, ...: dpop.LOSSES
@@ -241,9 +241,8 @@ def loss_and_metrics(policy_logps, ref_logps, lengths, cfg):
 
 
 def batch_loss(model, ref, batch, cfg, ref_logps=None):
-    """The mean loss of one micro-batch, and its metrics (a dict of floats). ref_logps: the
-    reference's (chosen, rejected) log-probs when they were precomputed; else the reference runs
-    (when the loss has one)."""
+    """The mean loss of one micro-batch and its metrics (a dict of floats). ref_logps: the
+    reference's (chosen, rejected), when computed beforehand; else the reference runs, if any."""
     if cfg.loss == "sft":
         loss = sft_loss(model, batch)
         return loss, {"loss": loss.item()}
@@ -259,13 +258,14 @@ def batch_loss(model, ref, batch, cfg, ref_logps=None):
 # Evaluation on held-out data
 
 @torch.no_grad()
-def all_pair_logps(model, pairs, enc, ctx, device, batch_size=64):
+def all_pair_logps(model, pairs, enc, ctx, device, batch_size=64, collate_fn=collate, full_logits=False):
     """Chosen and rejected log-probs of every pair, in order: two (N,) tensors on the CPU."""
     model.eval()
     chosen, rejected = [], []
     for i in range(0, len(pairs), batch_size):
         with ctx:
-            c, r = pair_logps(model, speedups.to_device(collate(pairs[i:i + batch_size], enc.eot_token), device))
+            c, r = pair_logps(model, speedups.to_device(collate_fn(pairs[i:i + batch_size], enc.eot_token), device),
+                              full_logits)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     return torch.cat(chosen), torch.cat(rejected)
@@ -341,15 +341,17 @@ def train(cfg):
     report.print_config(cfg, model, device, dtype, world, global_batch)  # a few lines: what trains, how
 
     # The starting model (--init) is the model before its first step: its held-out figures are
-    # computed once, for the summary. The reference, for a loss that has one, is a frozen copy of
-    # it, or its log-probs on the training pairs computed once when that pays (then no copy).
+    # computed once, for the summary. The reference, for a loss that has one, is the starting model
+    # frozen: its log-probs computed now (and cached), or a frozen copy run in the loop (every-step).
     start_eval_logps = all_pair_logps(model, eval_pairs, enc, ctx, device) if cfg.init and eval_pairs else None
     start_test = generation_accuracy(model, enc, test_problems, ctx, device) \
         if cfg.init and test_problems and master else (None, None)  # (accuracy, completions)
-    ref_train_logps = None  # --ref-logps precompute: an (N, 2) table of them, cached in --out
-    if uses_ref and speedups.precompute_pays(cfg, global_batch, len(train_pairs)):
-        ref_train_logps = speedups.reference_train_logps(  # the model is still the reference here
-            model, train_pairs, cfg.out, lambda m, ps: all_pair_logps(m, ps, enc, ctx, device), f"{device} {dtype}")
+    packed = cfg.share_prompt and cfg.loss != "sft" and not cfg.full_logits  # SFT reads chosen rows
+    collate_fn = speedups.collate_shared if packed else collate
+    ref_train_logps = None  # --ref-logps auto or precompute: extras/speedups.py (the model is still the reference)
+    if uses_ref and cfg.ref_logps != "every-step":
+        ref_train_logps = speedups.reference_logps(model, train_pairs, cfg, global_batch, device, dtype, partial(
+            all_pair_logps, enc=enc, ctx=ctx, device=device, collate_fn=collate_fn, full_logits=cfg.full_logits))
     ref = frozen_copy(model) if uses_ref and ref_train_logps is None else None
 
     speedups.sparse_embedding_grad(model, device, world)  # a memory lever for large vocabularies
@@ -364,15 +366,14 @@ def train(cfg):
         if master:
             checkpoints.save_training_state(ckpt_path, model, optimizer, scaler, step, done, cfg)
 
-    packed = cfg.share_prompt and cfg.loss != "sft" and not cfg.full_logits  # SFT reads chosen rows
-    collate_fn = speedups.collate_shared if packed else collate
     # The compiled (and, under torchrun, DDP-wrapped) module trains; the plain one is evaluated
     # and saved, so checkpoints have no "_orig_mod." or "module." prefixes.
     train_model = distributed.wrap_for_ranks(torch.compile(model) if cfg.compile else model, device)
     model.train()
     health = stopping.StepHealth(cfg, ckpt_path, dtype != torch.float32)  # counts non-finite steps
     stop_rule = config.has_stop_rule(vars(cfg))  # SFT from random weights, on data with problems
-    t_start, t_last, tokens_since, start_step = time.time(), time.time(), 0, step
+    meter = flops.Meter(model.config, train_pairs, cfg, device, dtype, ref is not None, packed)  # the log's util
+    t_start, t_last, start_step = time.time(), time.time(), step
     with stopping.catch_signals() as stop:  # Ctrl-C or SIGTERM: checkpoint after the step, stop
         while step < cfg.steps:
             # --- the batch: a pure function of (seed, step), so --resume reads the same data
@@ -388,7 +389,7 @@ def train(cfg):
             for m in range(cfg.grad_accum):
                 ids = mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]
                 batch = speedups.to_device(collate_fn([train_pairs[i] for i in ids], enc.eot_token), device)
-                ref_logps = None if ref_train_logps is None else ref_train_logps[ids].to(device).unbind(1)
+                ref_logps = None if ref_train_logps is None else ref_train_logps.of(step, m, ids, device)
                 with distributed.sync_gradients(train_model, last=m == cfg.grad_accum - 1):  # DDP: once a step
                     with ctx:
                         loss, micro_stats = batch_loss(train_model, ref, batch, cfg, ref_logps)
@@ -403,20 +404,19 @@ def train(cfg):
             grad_norm, finite, overflow = optimizer_step(model, optimizer, scaler, cfg.grad_clip, stats["loss"])
             step += 1
             health.record(step, finite, overflow)  # stops the run after max_bad_steps bad ones in a row
-            tokens_since += sum(len(p) + len(c) + (len(p) + len(r) if cfg.loss != "sft" else 0)
-                                for p, c, r in (train_pairs[i] for i in global_ids))  # SFT: chosen rows
+            meter.add(train_pairs[i] for i in global_ids)  # tokens and model FLOPs (extras/flops.py)
 
             last = step == cfg.steps  # the last step logs, evaluates and checkpoints whatever the intervals
             # --- log
             if master and (step % cfg.log_every == 0 or last):
                 now = time.time()
                 row = {"step": step, **stats, "grad_norm": grad_norm, "lr": lr,
-                       "tokens_per_s": tokens_since / (now - t_last), **health.counts()}
+                       **meter.rates(now - t_last), **health.counts()}
                 eta = (now - t_start) / (step - start_step) * (cfg.steps - step)
                 shown = LOSSES[cfg.loss].shown if cfg.loss in LOSSES else ()  # the loss's own terms
                 print(report.format_row(row, shown) + f" | eta {eta:.0f}s")  # step | loss | ...
                 files.log_row(metrics_path, row)
-                t_last, tokens_since = now, 0
+                t_last = now
 
             # --- eval and checkpoint; SFT from random weights stops at its target accuracy,
             # checked every sft_check_every steps as well (generation accuracy alone)

@@ -26,7 +26,7 @@ def print_config(cfg, model, device, dtype, world, global_batch):
           f"(batch {cfg.batch_size} x grad accum {cfg.grad_accum} x {world} process{'es' * (world > 1)}); lr {cfg.lr:g} "
           f"(warm-up {cfg.warmup:.0%} of the steps, cosine to {cfg.min_lr_ratio:g} x); seed {cfg.seed}")
     if cfg.loss in LOSSES:
-        print("reference: a frozen copy of the starting model" if LOSSES[cfg.loss].reference else
+        print(f"reference: the starting model, frozen (--ref-logps {cfg.ref_logps})" if LOSSES[cfg.loss].reference else
               f"reference: none (--loss {cfg.loss} compares the policy with no other model)")
     if has_stop_rule(vars(cfg)):
         print(f"stop rule: at {cfg.sft_target_acc:.0%} greedy accuracy on the eval problems, checked every "
@@ -47,7 +47,7 @@ def format_row(row, shown=()):
     for name in shown:  # RPO: its NLL term
         line += f" | {name.split('/')[-1]} {row[name]:.3f}"
     return line + (f" | gnorm {row['grad_norm']:.2f} | lr {row['lr']:.1e}"
-                   f" | {row['tokens_per_s']:.0f} tok/s")
+                   f" | {row['tokens_per_s']:.0f} tok/s | util {row['util']:.0%}")
 
 
 def summarize(cfg, trained, start_test, start_eval_logps, eval_pairs, problems, texts):

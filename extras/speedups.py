@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from data import batch_indices
 from dpop import summed_logps
 from extras.distributed import rank_and_world
 from extras.files import save_checkpoint
@@ -112,13 +113,78 @@ def sparse_embedding_grad(model, device, world):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference's log-probs, computed once (--ref-logps precompute)
+# The reference's log-probs, computed before the first step (--ref-logps auto or precompute)
 
 def precompute_pays(cfg, global_batch, n_pairs):
-    """--ref-logps: precompute, every-step, or auto: precompute when the run reads each training
-    pair at least once on average (one pass over the data then costs no more than the run saves)."""
+    """--ref-logps precompute, or auto when the run reads each training pair at least once on
+    average: one pass over the data then costs no more than a reference forward every step."""
     return cfg.ref_logps == "precompute" or (
         cfg.ref_logps == "auto" and cfg.steps * global_batch >= n_pairs)
+
+
+def how_computed(device, dtype):
+    """What moves the bits of a forward pass besides the weights and the tokens: part of a
+    cache's key."""
+    return (f"{device} {dtype} torch {torch.__version__} threads {torch.get_num_threads()} "
+            f"{torch.backends.cpu.get_cpu_capability() if device.type == 'cpu' else ''}")
+
+
+class ReferenceLogps(NamedTuple):
+    """The reference's log-probs computed before training: table (K, 2) of (chosen, rejected).
+    per_pair: row i is training pair i (one pass over the data); else the rows are the run's own
+    micro-batches, step by step, batch_size rows each."""
+    table: torch.Tensor
+    per_pair: bool
+    batch_size: int
+    grad_accum: int
+
+    def of(self, step, m, ids, device):
+        """(chosen, rejected) of micro-batch m of step `step`, whose pairs are ids."""
+        if self.per_pair:
+            rows = self.table[ids]
+        else:
+            start = (step * self.grad_accum + m) * self.batch_size
+            rows = self.table[start:start + len(ids)]
+        return rows.to(device).unbind(1)
+
+
+def reference_logps(ref, pairs, cfg, global_batch, device, dtype, pair_logps):
+    """The reference's log-probs of the training pairs, computed before the first step so that
+    the loop runs no reference (and keeps no copy of it). When the run reads each pair at least
+    once on average (precompute_pays), one pass over the data, pair by pair; else those of the
+    micro-batches the loop will read, each computed as the loop would compute it (the same bits
+    as --ref-logps every-step). pair_logps(model, some_pairs, batch_size=64) -> (chosen, rejected).
+    Cached beside the --init checkpoint when it is train.py's (so --loss dpo and --loss dpop from
+    one SFT model and seed compute them once), else in --out."""
+    rank, world = rank_and_world()
+    folder = os.path.dirname(cfg.init) if cfg.init.endswith(".pt") else cfg.out
+    how = how_computed(device, dtype)
+    if precompute_pays(cfg, global_batch, len(pairs)):
+        return ReferenceLogps(reference_train_logps(ref, pairs, folder, pair_logps, how), True, 0, 0)
+    batches = micro_batches(len(pairs), cfg, global_batch, rank, world)
+    flat = [i for ids in batches for i in ids]
+    # the batches themselves, not only their pairs, key it: a pair's log-probs computed among 4
+    # pairs and among 8 differ in their last bits, and at step 1 DPOP's penalty turns on at the
+    # first bit below c = 0
+    key = hashlib.sha256(repr(pairs).encode() + how.encode() + repr(batches).encode())
+
+    def compute():
+        chosen, rejected = zip(*(pair_logps(ref, [pairs[i] for i in ids], batch_size=len(ids)) for ids in batches))
+        return torch.stack((torch.cat(chosen), torch.cat(rejected)), 1)
+    table = cached_table(folder, key, ref, (len(flat), 2), compute, f"the {cfg.steps} steps' batches",
+                         save=True)
+    return ReferenceLogps(table, False, cfg.batch_size, cfg.grad_accum)
+
+
+def micro_batches(n, cfg, global_batch, rank, world):
+    """The pair indices of each micro-batch this rank reads, step by step: the loop's own
+    schedule (train.py), which tests/test_speedups.py pins to it."""
+    per_rank = global_batch // world
+    out = []
+    for step in range(cfg.steps):
+        mine = batch_indices(n, global_batch, step, cfg.seed)[rank * per_rank:(rank + 1) * per_rank]
+        out += [mine[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
+    return out
 
 
 def reference_train_logps(ref, pairs, out, all_pair_logps, how=""):
@@ -126,17 +192,37 @@ def reference_train_logps(ref, pairs, out, all_pair_logps, how=""):
     rejected), so that training needs no reference forward pass. all_pair_logps(model, pairs)
     computes them (train.py passes its own). Cached in the folder out under a key made of
     everything that moves their bits: the reference's weights, the tokenized pairs, and how they
-    are computed (how: train.py gives the device and the dtype); a cache that cannot be read is
-    computed again. Under torchrun each rank computes every world_size-th pair and the shares
-    are gathered."""
+    are computed (how: the device, the dtype, ...); a cache that cannot be read is computed
+    again. Under torchrun each rank computes every world_size-th pair and the shares are
+    gathered."""
+    rank, world = rank_and_world()
+
+    def compute():
+        ids = list(range(rank, len(pairs), world))  # this rank's share
+        shares = [(ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids]), 1))]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, shares[0])
+            shares = gathered
+        logps = torch.zeros(len(pairs), 2)
+        for ids, values in shares:
+            logps[ids] = values
+        return logps
     key = hashlib.sha256(repr(pairs).encode() + how.encode())
+    return cached_table(out, key, ref, (len(pairs), 2), compute, f"{len(pairs)} pairs", save=rank == 0)
+
+
+def cached_table(folder, key, ref, shape, compute, what, save):
+    """compute()'s table, or the one cached in folder under key (which is completed here with
+    the reference's weights). A cache that cannot be read is computed again; one that cannot be
+    written is only a warning."""
     for t in ref.state_dict().values():
         key.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    path = os.path.join(out, f"ref_logps-{key.hexdigest()[:16]}.pt")
+    path = os.path.join(folder, f"ref_logps-{key.hexdigest()[:16]}.pt")
     if os.path.exists(path):
         try:
             logps = torch.load(path, weights_only=True)
-            if isinstance(logps, torch.Tensor) and logps.shape == (len(pairs), 2):
+            if isinstance(logps, torch.Tensor) and logps.shape == shape:
                 print(f"reference log-probs from {path}")
                 return logps
             problem = "it holds something else"
@@ -145,20 +231,14 @@ def reference_train_logps(ref, pairs, out, all_pair_logps, how=""):
         print(f"warning: {path}: cannot use the cached reference log-probs ({problem}); "
               f"computing them again")
     t0 = time.time()
-    rank, world = rank_and_world()
-    ids = list(range(rank, len(pairs), world))  # this rank's share
-    share = (ids, torch.stack(all_pair_logps(ref, [pairs[i] for i in ids]), 1))
-    shares = [share]
-    if world > 1:
-        shares = [None] * world
-        dist.all_gather_object(shares, share)
-    logps = torch.zeros(len(pairs), 2)
-    for ids, values in shares:
-        logps[ids] = values
-    if rank == 0:
-        save_checkpoint(path, logps)
-    print(f"reference log-probs of {len(pairs)} pairs computed in {time.time() - t0:.0f}s; "
-          f"cached in {path}")
+    logps = compute()
+    if save:
+        try:
+            save_checkpoint(path, logps)
+        except OSError as e:  # a read-only folder: the run goes on without the cache
+            print(f"warning: cannot cache the reference log-probs in {folder} ({e.strerror or e}); going on")
+            path = "nowhere"
+    print(f"reference log-probs of {what} computed in {time.time() - t0:.0f}s; cached in {path}")
     return logps
 
 

@@ -141,16 +141,30 @@ def test_mean_and_sample_sd():
     assert experiment.mean_sd([-1.0, -3.0], "{:+.2f}") == "-2.00 ± 1.41"
 
 
-def test_bench_counts_the_flops_of_a_step_by_hand():
-    """bench.py's model FLOPs for one pair (prompt 3, chosen 2, rejected 1 tokens) on a 1-block
-    model of width 4 and vocabulary 10: the two rows of 5 and 4 tokens, 6 per weight per token
-    (12 C^2 weights a block) plus attention's 12 T^2 C a row, and the head's 6 V C at the 3
-    completion tokens; one packed row of 4 tokens with --share-prompt; a third more for the
-    reference's forward every step."""
-    import bench
+def test_the_model_flops_of_a_step_by_hand():
+    """extras/flops.py's model FLOPs (the util of train.py's log, bench.py's figures) for one pair
+    (prompt 3, chosen 2, rejected 1 tokens) on a 1-block model of width 4 and vocabulary 10: the
+    two rows read 4 and 3 tokens (a completion's last token is only a target), 6 per weight per
+    token (12 C^2 weights a block) plus attention's 12 T^2 C a row, and the head's 6 V C at the 3
+    completion tokens; one packed row of 4 tokens with --share-prompt; SFT's chosen row alone; a
+    third more for a reference forward in the step."""
+    from extras import flops
     config = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_embd=4)
     pair = [([0, 1, 2], [3, 4], [5])]
-    two_rows = (6 * 12 * 16 * 5 + 12 * 25 * 4) + (6 * 12 * 16 * 4 + 12 * 16 * 4) + 6 * 10 * 4 * 3
-    assert bench.model_flops_per_step(config, pair, False) == two_rows == 13056
-    assert bench.model_flops_per_step(config, pair, False, shared=True) == 6 * 12 * 16 * 4 + 12 * 16 * 4 + 720
-    assert bench.model_flops_per_step(config, pair, True) == pytest.approx(13056 * 4 / 3)
+    two_rows = (6 * 12 * 16 * 4 + 12 * 16 * 4) + (6 * 12 * 16 * 3 + 12 * 9 * 4) + 6 * 10 * 4 * 3
+    assert flops.pair_flops(config, pair) == two_rows == 9984
+    assert flops.pair_flops(config, pair, shared=True) == 6 * 12 * 16 * 4 + 12 * 16 * 4 + 720
+    assert flops.pair_flops(config, pair, sft=True) == 6 * 12 * 16 * 4 + 12 * 16 * 4 + 6 * 10 * 4 * 2
+    assert flops.pair_flops(config, pair, reference=True) == pytest.approx(9984 * 4 / 3)
+
+
+def test_the_measured_matmuls_are_the_models_own():
+    """The products whose throughput util is measured against add up to the step's model FLOPs
+    without attention: forward and both backward products of every Linear, the head at the
+    completion tokens."""
+    from extras import flops
+    config = GPTConfig(vocab_size=257, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    shapes = flops.matmul_shapes(config, tokens=2880, completion_tokens=1200)
+    total = sum(2 * m * k * n * count for (m, k, n), count in shapes)
+    assert total == 6 * 12 * 4 * 128 * 128 * 2880 + 6 * 257 * 128 * 1200
+    assert len(shapes) == 15

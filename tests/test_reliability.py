@@ -475,7 +475,7 @@ def start_and_signal(argv, metrics, sig, after_rows=5):
 def comparable(out):
     """The metrics rows without the timing field, which differs from run to run."""
     rows = [json.loads(r) for r in open(os.path.join(out, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "util")} for r in rows]
 
 
 def interrupt_args(sft_ckpt, small_pairs):

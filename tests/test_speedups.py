@@ -250,3 +250,51 @@ def test_sparse_embedding_grad_trains_as_the_dense_one(tmp_path, tiny_args, smal
     monkeypatch.setattr(speedups, "sparse_embedding_grad", lambda *args: None)
     train.main(tiny_args("dense", *common))
     assert_same_logged_steps(tmp_path / "dense", tmp_path / "sparse", 3)
+
+
+def rows_of(folder):
+    """The metrics rows of a run, without the timings (which no two runs share)."""
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "util")} for line in f]
+
+
+@pytest.mark.parametrize("layout", [(), ("--share-prompt",)])
+def test_the_reference_of_the_runs_own_batches_is_the_loops_to_the_bit(tmp_path, tiny_args, sft_ckpt, small_pairs,
+                                                                       monkeypatch, capsys, layout):
+    """--ref-logps auto on a run that reads fewer pairs than the data holds computes the
+    reference's log-probs of the micro-batches the loop will read (gradient accumulation
+    included), before step 1, as the loop would: every logged figure and the final weights
+    equal those of a frozen copy run in the loop (every-step), bit for bit. The table is cached
+    beside --init, so a second loss from the same reference and seed reads it and builds no
+    frozen copy; a folder that cannot take the cache is a warning, not a failure."""
+    init = tmp_path / "sft" / "ckpt.pt"  # a folder of its own: no other test's cache in it
+    init.parent.mkdir()
+    init.write_bytes(open(sft_ckpt, "rb").read())
+    run = ("--init", str(init), "--data", small_pairs, "--steps", "3", "--eval-every", "3", *layout)
+    common = (*run, "--batch-size", "4", "--grad-accum", "2")  # 3 steps x 8 pairs: 24 of the 61 training pairs
+    for loss in ("dpop", "dpo"):
+        train.main(tiny_args(f"{loss}-loop", *common, "--loss", loss, "--ref-logps", "every-step"))
+    capsys.readouterr()
+    train.main(tiny_args("dpop-auto", *common, "--loss", "dpop"))
+    assert "reference log-probs of the 3 steps' batches computed" in capsys.readouterr().out
+    [cache] = (tmp_path / "sft").glob("ref_logps-*.pt")
+    assert torch.load(cache).shape == (3 * 2 * 4, 2)
+    monkeypatch.setattr(train, "frozen_copy", lambda model: pytest.fail("a frozen copy was built"))
+    train.main(tiny_args("dpo-auto", *common, "--loss", "dpo"))
+    assert f"reference log-probs from {cache}" in capsys.readouterr().out
+    # the same pairs in micro-batches of 8: other bits (and, at step 1, another DPOP), another table
+    train.main(tiny_args("dpo-8", *run, "--batch-size", "8", "--loss", "dpo"))
+    assert "reference log-probs of the 3 steps' batches computed" in capsys.readouterr().out
+    assert len(list((tmp_path / "sft").glob("ref_logps-*.pt"))) == 2
+    for loss in ("dpop", "dpo"):
+        assert rows_of(tmp_path / f"{loss}-auto") == rows_of(tmp_path / f"{loss}-loop")
+        auto, loop = (torch.load(tmp_path / f"{loss}-{how}" / "ckpt.pt")["model"] for how in ("auto", "loop"))
+        assert all(torch.equal(auto[k], loop[k]) for k in loop)
+    cache.unlink()
+
+    def read_only(path, obj):
+        raise OSError(30, "Read-only file system", path)
+    monkeypatch.setattr(speedups, "save_checkpoint", read_only)
+    train.main(tiny_args("dpo-again", *common, "--loss", "dpo"))
+    assert f"warning: cannot cache the reference log-probs in {init.parent}" in capsys.readouterr().out
+    assert rows_of(tmp_path / "dpo-again") == rows_of(tmp_path / "dpo-loop")
