@@ -1,15 +1,23 @@
 """Exercises graded by the tests: a student copy of this repo with a few regions of code taken out.
 
-    python extras/exercises.py /tmp/student      # write the copy, and /tmp/student/EXERCISES.md
+    python extras/exercises.py /tmp/student             # write the copy, and /tmp/student/EXERCISES.md
+    python extras/exercises.py /tmp/student --first 2   # only exercises 1 and 2 to write; 3-5 as they are
     cd /tmp/student && python -m pytest -q tests -k "collate_alignment or collate_on_built_in"
 
 A teacher hands out the copy. In it, each marked region of the lesson files is replaced by a
 `raise NotImplementedError("exercise N: <hint>")`; EXERCISES.md lists each exercise, where it
 is, its hint and the command that runs the tests that grade it. The student writes the code
 back until those tests pass. The exercises follow the reading order, and each one's tests need
-only the exercises before it, so they are done in order.
+only the exercises before it, so they are done in order. With --first K only exercises 1 to K are
+taken out: once a class has written them, every lesson command runs, so the lesson can go on
+while the later exercises wait for the next session.
 
-The regions are marked in the real files by two comment lines, at the region's indentation:
+The copy holds no answers: the teacher's files (TEACHER_ONLY: the homework's answer key) are not
+copied, and the Markdown between the lines `<!-- answers begin -->` and `<!-- answers end -->`
+(the lesson's answers, the README's note on exercise 3) is replaced by a line that says so.
+
+The regions are marked in the real files by two comment lines, at the region's indentation (an
+exercise may have several regions, each one stubbed):
 
     <indent># exercise <N> begins: <title>
     <indent># exercise <N> ends
@@ -30,14 +38,18 @@ from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = {".git", ".venv", "out", "__pycache__"}  # never copied when the repo is not a git checkout
+TEACHER_ONLY = {"extras/homework_key.py"}  # never copied: docs/homework.md's answer key
+ANSWERS_BEGIN, ANSWERS_END = "<!-- answers begin -->", "<!-- answers end -->"  # in Markdown files
 BEGIN = re.compile(r"^(\s*)# exercise (\d+) begins: (\S.*)$")
 END = re.compile(r"^\s*# exercise (\d+) ends$")
 DEF = re.compile(r"^\s*def (\w+)\(")
 
 HINTS = {
     1: "set mask to True on row i's completion targets: targets[i, t] is seq[t+1] (see the worked example above)",
-    2: "gather each target's log-prob from logps and sum it over the positions where mask is true, "
-       "ignoring whatever the other positions hold (even NaN): (B,) float32",
+    2: "in sequence_logps, gather each target's log-prob from logps and sum it over the positions "
+       "where mask is true, ignoring whatever the other positions hold (even NaN): (B,) float32; in "
+       "token_logps, the same log-prob of each of N targets from its (N, V) logits, in float32, "
+       "without a (N, V) log-softmax (log softmax(x)[t] = x[t] - logsumexp(x))",
     3: "return the (B,) DPOP losses of the module docstring from x.chosen_logratios (c) and "
        "x.rejected_logratios (r): the penalty max(0, -c) scaled by lam, inside the sigmoid; at c = 0 "
        "the penalty's gradient must be 0",
@@ -62,7 +74,8 @@ TESTS = {
         "tests/test_dpop.py::test_dpop_with_lam_zero_is_dpo",
         "tests/test_dpop.py::test_dpop_penalty_zero_at_or_above_reference_positive_below",
         "tests/test_dpop.py::test_dpop_gradient_weight_when_penalty_active",
-        "tests/test_dpop.py::test_rewards_are_detached"],
+        "tests/test_dpop.py::test_rewards_are_detached",
+        "tests/test_dpop.py::test_the_worked_step_by_hand"],
     4: ["tests/test_dpop.py::test_preference_metrics"],
     5: ["tests/test_train.py::test_grad_accumulation_equals_one_big_batch"],
 }
@@ -136,7 +149,8 @@ def find_regions(path, lines):
 
 
 def all_regions(root, files):
-    """Every region in the .py files, checked against HINTS and TESTS: one region per exercise."""
+    """Every region in the .py files, checked against HINTS and TESTS: each exercise marked at
+    least once."""
     regions = []
     for path in files:
         if path.endswith(".py"):
@@ -144,9 +158,6 @@ def all_regions(root, files):
                 regions += find_regions(path, f.read().splitlines())
     seen = {}
     for r in regions:
-        if r.number in seen:
-            raise ExerciseError(f"{r.path}:{r.begin}: exercise {r.number} is marked twice "
-                                f"(also {seen[r.number].path}:{seen[r.number].begin})")
         if r.number not in HINTS or r.number not in TESTS:
             raise ExerciseError(f"{r.path}:{r.begin}: exercise {r.number} has no hint or no tests "
                                 f"in extras/exercises.py (HINTS, TESTS)")
@@ -154,7 +165,7 @@ def all_regions(root, files):
     missing = sorted(set(HINTS) - set(seen))
     if missing:
         raise ExerciseError(f"exercise {missing[0]} is in extras/exercises.py but marked in no file")
-    return sorted(regions)
+    return sorted(regions, key=lambda r: (r.number, r.path, r.begin))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +187,24 @@ def grading_command(number):
     return "python -m pytest -q " + " ".join(f'"{t}"' for t in TESTS[number])
 
 
+def without_answers(lines, path):
+    """Markdown lines with each answers block (ANSWERS_BEGIN to ANSWERS_END) replaced by a note."""
+    out, inside = [], None
+    for lineno, line in enumerate(lines, start=1):
+        if line.strip() == ANSWERS_BEGIN:
+            inside = lineno
+            out.append("*(The answers are left out of the student copy: your teacher has them.)*")
+        elif line.strip() == ANSWERS_END:
+            if inside is None:
+                raise ExerciseError(f"{path}:{lineno}: {ANSWERS_END} without {ANSWERS_BEGIN}")
+            inside = None
+        elif inside is None:
+            out.append(line)
+    if inside is not None:
+        raise ExerciseError(f"{path}:{inside}: {ANSWERS_BEGIN} never ends (add a line {ANSWERS_END})")
+    return out
+
+
 def exercises_md(regions):
     """The student's sheet: each exercise, where it is, its hint and the command that grades it."""
     text = ["# Exercises", "",
@@ -183,13 +212,14 @@ def exercises_md(regions):
             "code it replaces, then run its tests until they pass. Do them in order: the tests of each one",
             "need the exercises before it. When all are done, every test passes:",
             '`python -m pytest -q -m "not slow" tests`.', ""]
-    for r in regions:
-        # the raise's line in the copy: the regions above it in the same file shrank to one line
-        line = r.begin + 1 - sum(q.end - q.begin - 2 for q in regions if q.path == r.path and q.begin < r.begin)
-        text += [f"## {r.number}. {r.title}", "",
-                 f"- where: `{r.path}` line {line}, in `{r.function}`",
-                 f"- hint: {HINTS[r.number]}",
-                 f"- graded by: `{grading_command(r.number)}`", ""]
+    for number in sorted({r.number for r in regions}):
+        mine = [r for r in regions if r.number == number]
+        text += [f"## {number}. {mine[0].title}", ""]
+        for r in mine:
+            # the raise's line in the copy: the regions above it in the same file shrank to one line
+            line = r.begin + 1 - sum(q.end - q.begin - 2 for q in regions if q.path == r.path and q.begin < r.begin)
+            text.append(f"- where: `{r.path}` line {line}, in `{r.function}`")
+        text += [f"- hint: {HINTS[number]}", f"- graded by: `{grading_command(number)}`", ""]
     return "\n".join(text)
 
 
@@ -200,17 +230,19 @@ def write_student_copy(out, numbers=None, root=ROOT):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ExerciseError(f"{out} exists and is not an empty folder; give a new one "
                             f"(a student's work is never overwritten)")
-    files = source_files(root)
+    files = [p for p in source_files(root) if p not in TEACHER_ONLY]
     regions = [r for r in all_regions(root, files) if numbers is None or r.number in numbers]
     for path in files:
         target = os.path.join(out, path)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         mine = [r for r in regions if r.path == path]
-        if mine:
+        lines = None
+        if mine or path.endswith(".md"):
             with open(os.path.join(root, path), encoding="utf-8") as f:
                 lines = f.read().splitlines()
+        if lines is not None and (mine or ANSWERS_BEGIN in lines):
             with open(target, "w", encoding="utf-8") as f:
-                f.write("\n".join(stub(lines, mine)) + "\n")
+                f.write("\n".join(stub(lines, mine) if mine else without_answers(lines, path)) + "\n")
         else:
             shutil.copy2(os.path.join(root, path), target)
     with open(os.path.join(out, "EXERCISES.md"), "w", encoding="utf-8") as f:
@@ -221,13 +253,18 @@ def write_student_copy(out, numbers=None, root=ROOT):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="the folder to write the student copy into (new, or empty)")
+    parser.add_argument("--first", type=int, default=len(HINTS), metavar="K",
+                        help=f"take out exercises 1 to K only (default: all {len(HINTS)})")
     args = parser.parse_args(argv)
+    if not 1 <= args.first <= len(HINTS):
+        parser.error(f"--first {args.first}: choose 1 to {len(HINTS)}")
     try:
-        regions = write_student_copy(args.out)
+        regions = write_student_copy(args.out, set(range(1, args.first + 1)))
     except ExerciseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: the repo with {len(regions)} exercises to write; "
+    numbers = sorted({r.number for r in regions})
+    print(f"wrote {args.out}: the repo with exercises {numbers[0]} to {numbers[-1]} to write; "
           f"{os.path.join(args.out, 'EXERCISES.md')} lists them")
     return 0
 

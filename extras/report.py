@@ -77,7 +77,9 @@ def summarize(cfg, trained, start_test, start_eval_logps, eval_pairs, problems, 
         for i, which in enumerate(("chosen", "rejected")):
             print(f"  {which + ' log-prob change':26} {trained['logratio/' + which]:+8.2f} nats   (trained "
                   f"{trained['logps/' + which]:.2f} vs start {start_eval_logps[i].mean():.2f})")
-        print(f"  margin                     {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats")
+        beta_times = cfg.loss not in LOSSES or LOSSES[cfg.loss].reference  # SFT's figures are DPO's
+        print(f"  {'margin c - r':26} {trained['logratio/chosen'] - trained['logratio/rejected']:+8.2f} nats"
+              + ("   (the log line's margin is beta times it)" if beta_times else ""))
         print(f"  reward accuracy            {trained['rewards/accuracies']:8.1%}")
     if start_texts is not None:
         print_examples(problems[:3], {"start": start_texts, "trained": texts},

@@ -174,7 +174,7 @@ def test_dpop_gradient_weight_when_penalty_active():
     weight = torch.sigmoid(-z)
     # active (row 0): the chosen gets beta*(1+lam)*sigmoid(-z); inactive (row 1): DPO's beta*sigmoid(-z)
     torch.testing.assert_close(pc.grad, -beta * torch.tensor([1 + lam, 1.0]) * weight)
-    torch.testing.assert_close(pr.grad, beta * weight)  # the rejected's weight is unchanged
+    torch.testing.assert_close(pr.grad, beta * weight)  # DPO's form, but z holds the penalty
     assert pc.grad[0] < 0  # gradient descent raises the chosen log-prob
 
 
@@ -244,3 +244,37 @@ def test_simpo_closed_form_gradient_and_rewards():
     assert with_margin.item() == pytest.approx(-math.log(sig(-0.5)), abs=1e-6)
     with pytest.raises(ValueError, match="chosen_lengths"):
         preference_loss(pc, pr, loss="simpo")
+
+
+def test_the_worked_step_by_hand():
+    """docs/derivation.md's one step by hand: gradients.py's autograd through dpop.py's losses
+    against the closed forms (beta 0.1, lam 50), and the page shows the table the script prints.
+    At c = 0 relu's gradient is DPO's and clamp's is 51 times it; at c = -2, r = -5 the penalty
+    pulls the chosen 120 times harder and, through sigmoid(-z), pushes the rejected 2.35 times."""
+    import os
+    import gradients
+    beta, lam = 0.1, 50.0
+    s = lambda v: 1 / (1 + math.exp(-v))  # sigmoid
+    expected = {("DPO", 0): (0.0, math.log(2), -beta / 2, beta / 2),
+                ("DPOP (relu)", 0): (0.0, math.log(2), -beta / 2, beta / 2),
+                ("DPOP, clamp", 0): (0.0, math.log(2), -beta * (1 + lam) / 2, beta / 2),
+                ("DPO", -2): (0.3, -math.log(s(0.3)), -beta * s(-0.3), beta * s(-0.3)),
+                ("DPOP (relu)", -2): (-9.7, -math.log(s(-9.7)), -beta * (1 + lam) * s(9.7), beta * s(9.7)),
+                ("DPOP, clamp", -2): (-9.7, -math.log(s(-9.7)), -beta * (1 + lam) * s(9.7), beta * s(9.7))}
+    for (name, c), values in expected.items():
+        got = gradients.step(name, c, {0: 0, -2: -5}[c])
+        assert got == pytest.approx(values, rel=1e-9, abs=1e-12), name
+    assert gradients.step("DPOP (relu)", -2, -5)[2] / gradients.step("DPO", -2, -5)[2] == pytest.approx(119.8, abs=0.1)
+    assert gradients.step("DPOP (relu)", -2, -5)[3] / gradients.step("DPO", -2, -5)[3] == pytest.approx(2.35, abs=0.01)
+    page = open(os.path.join(os.path.dirname(__file__), "..", "docs", "derivation.md")).read()
+    assert gradients.table([(0.0, 0.0), (-2.0, -5.0)]) in page
+
+
+def test_rpo_nll_is_per_sequence_not_per_batch_token():
+    """docs/experiment.md's example: chosen completions of 1 and 3 tokens at -2 and -3 nats. The
+    NLL term here is the mean over pairs of each one's NLL per token, (2/1 + 3/3) / 2 = 1.5, as in
+    Pang et al.; TRL's sft loss divides the batch's summed NLL by its token count, 5/4 = 1.25."""
+    x = PairLogps(torch.tensor([-2.0, -3.0]), torch.tensor([-9.0, -9.0]), chosen_lengths=torch.tensor([1, 3]))
+    per_pair = chosen_nll(x)
+    assert per_pair.mean().item() == pytest.approx(1.5)
+    assert (-x.policy_chosen_logps.sum() / x.chosen_lengths.sum()).item() == pytest.approx(1.25)

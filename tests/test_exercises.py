@@ -11,16 +11,17 @@ from conftest import ROOT
 from extras import exercises
 from extras.exercises import HINTS, TESTS, ExerciseError, find_regions, write_student_copy
 
-WHERE = {1: ("data.py", "collate"), 2: ("dpop.py", "sequence_logps"), 3: ("dpop.py", "dpop_loss"),
-         4: ("dpop.py", "preference_metrics"), 5: ("train.py", "train")}
-GONE = {1: "mask[i, len(prompt) - 1:n] = True", 2: "logps.gather(-1, targets.unsqueeze(-1))",
+WHERE = {1: [("data.py", "collate")], 2: [("dpop.py", "sequence_logps"), ("dpop.py", "token_logps")],
+         3: [("dpop.py", "dpop_loss")], 4: [("dpop.py", "preference_metrics")], 5: [("train.py", "train")]}
+GONE = {1: "mask[i, len(prompt) - 1:n] = True", 2: "gather(-1, targets.unsqueeze(-1))",
         3: "penalty = torch.relu(-chosen_logratios)", 4: 'metrics["logratio/chosen"] = (chosen_rewards / beta)',
         5: "scaler.scale(loss / cfg.grad_accum).backward()"}
 
 
 def test_markers_agree_with_the_mapping_to_tests():
     regions = exercises.all_regions(ROOT, exercises.source_files(ROOT))
-    assert {r.number: (r.path, r.function) for r in regions} == WHERE
+    assert {n: [(r.path, r.function) for r in regions if r.number == n] for n in WHERE} == WHERE
+    assert len(regions) == sum(map(len, WHERE.values()))
     assert set(HINTS) == set(TESTS) == set(WHERE)
     for node in (node for nodes in TESTS.values() for node in nodes):  # each names a real test
         path, name = node.split("::")
@@ -32,11 +33,12 @@ def test_the_student_copy_stubs_each_region_and_nothing_else(tmp_path):
     out = tmp_path / "student"
     write_student_copy(str(out))
     sheet = (out / "EXERCISES.md").read_text()
-    for n, (path, function) in WHERE.items():
-        code = (out / path).read_text()
-        compile(code, path, "exec")
-        assert f'raise NotImplementedError("exercise {n}: {HINTS[n]}")' in code and GONE[n] not in code
-        assert f"in `{function}`" in sheet and exercises.grading_command(n) in sheet
+    for n, places in WHERE.items():
+        for path, function in places:
+            code = (out / path).read_text()
+            compile(code, path, "exec")
+            assert f'raise NotImplementedError("exercise {n}: {HINTS[n]}")' in code and GONE[n] not in code
+            assert f"in `{function}`" in sheet and exercises.grading_command(n) in sheet
     for path in ("model.py", "tests/test_dpop.py", "extras/checkpoints.py", "assets/experiment.png"):
         assert (out / path).read_bytes() == open(os.path.join(ROOT, path), "rb").read()
     assert not (out / ".git").exists()
@@ -94,3 +96,38 @@ def test_each_exercise_passes_once_it_and_those_before_it_are_written(tmp_path):
         write_student_copy(str(out), numbers={m for m in TESTS if m > n})
         found = outcomes(out, TESTS[n], tmp_path / f"solved{n}.xml")
         assert found == {node: "passed" for node in TESTS[n]}, n
+
+
+def test_the_student_copy_holds_no_answers(tmp_path):
+    """The homework's key is not copied; the lesson's answers and the README's note on exercise
+    3 are replaced by one line; the same files keep everything else."""
+    out = tmp_path / "student"
+    write_student_copy(str(out))
+    assert os.path.exists(os.path.join(ROOT, "extras", "homework_key.py"))
+    assert not (out / "extras" / "homework_key.py").exists()
+    note = "*(The answers are left out of the student copy: your teacher has them.)*"
+    for path, gone, kept in (("docs/lesson.md", "- **Q6.**", "## Answers"),
+                             ("README.md", "clamp(-c, min=0)", "## Decisions worth knowing")):
+        text, real = (out / path).read_text(), open(os.path.join(ROOT, path)).read()
+        assert gone in real and gone not in text and kept in text and note in text
+        assert exercises.ANSWERS_BEGIN not in text and len(text) < len(real)
+    lines = ["a", exercises.ANSWERS_BEGIN, "answer"]
+    with pytest.raises(ExerciseError, match=r"^x.md:2: <!-- answers begin --> never ends"):
+        exercises.without_answers(lines, "x.md")
+    assert exercises.without_answers(lines + [exercises.ANSWERS_END, "b"], "x.md") == ["a", note, "b"]
+
+
+def test_first_k_takes_out_only_the_first_k(tmp_path, capsys):
+    """--first 2: exercises 1 and 2 are stubbed, 3 to 5 keep the real code, and the sheet lists
+    the first two only; a K out of range is one error line."""
+    out = tmp_path / "student"
+    assert exercises.main([str(out), "--first", "2"]) == 0
+    assert "exercises 1 to 2 to write" in capsys.readouterr().out
+    for n, places in WHERE.items():
+        for path, _ in places:
+            assert (GONE[n] in (out / path).read_text()) == (n > 2), n
+    sheet = (out / "EXERCISES.md").read_text()
+    assert "## 2." in sheet and "## 3." not in sheet
+    with pytest.raises(SystemExit):
+        exercises.main([str(tmp_path / "other"), "--first", "6"])
+    assert "--first 6: choose 1 to 5" in capsys.readouterr().err
