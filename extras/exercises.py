@@ -264,8 +264,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     numbers = sorted({r.number for r in regions})
-    print(f"wrote {args.out}: the repo with exercises {numbers[0]} to {numbers[-1]} to write; "
-          f"{os.path.join(args.out, 'EXERCISES.md')} lists them")
+    print(f"wrote {args.out}: the repo with {len(numbers)} exercise{'s' * (len(numbers) > 1)} to write "
+          f"({', '.join(map(str, numbers))}); {os.path.join(args.out, 'EXERCISES.md')} lists them")
     return 0
 
 

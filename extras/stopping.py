@@ -3,8 +3,10 @@ SIGTERM finish the step, checkpoint and leave with a word on how to continue (ca
 steps whose loss or gradient is not finite are skipped and counted, and too many in a row stop
 the run in one line (StepHealth).
 """
+import os
 import signal
 import sys
+import traceback
 from contextlib import contextmanager, suppress
 
 from data import DataError
@@ -17,7 +19,7 @@ from extras.files import explain_os_error
 def one_line_errors():
     """A script's body, whose failures the user can fix end it with one line and no traceback:
     bad input (DataError: its message), a file-system failure (the path and what to do), Ctrl-C
-    outside the loop (set-up, summary). Under torchrun the process group is left either way."""
+    outside the loop (set-up, summary), an exercise of a student copy not written yet (where). Under torchrun the process group is left either way."""
     try:
         yield
     except DataError as e:
@@ -27,6 +29,12 @@ def one_line_errors():
     except KeyboardInterrupt:
         print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    except NotImplementedError as e:  # a student copy's exercise not written yet (extras/exercises.py)
+        if not str(e).startswith("exercise "):
+            raise
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        sys.exit(f"error: {os.path.relpath(frame.filename)}:{frame.lineno}, in {frame.name}: {e}; write it "
+                 f"(EXERCISES.md), then run this again")
     finally:
         close_distributed()
 

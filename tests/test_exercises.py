@@ -122,7 +122,7 @@ def test_first_k_takes_out_only_the_first_k(tmp_path, capsys):
     the first two only; a K out of range is one error line."""
     out = tmp_path / "student"
     assert exercises.main([str(out), "--first", "2"]) == 0
-    assert "exercises 1 to 2 to write" in capsys.readouterr().out
+    assert "the repo with 2 exercises to write (1, 2)" in capsys.readouterr().out
     for n, places in WHERE.items():
         for path, _ in places:
             assert (GONE[n] in (out / path).read_text()) == (n > 2), n
@@ -131,3 +131,21 @@ def test_first_k_takes_out_only_the_first_k(tmp_path, capsys):
     with pytest.raises(SystemExit):
         exercises.main([str(tmp_path / "other"), "--first", "6"])
     assert "--first 6: choose 1 to 5" in capsys.readouterr().err
+
+
+def test_an_exercise_not_written_yet_is_one_error_line(capsys):
+    """In a student copy a command that reaches a stub ends with one line that says where the
+    exercise is and what it asks, not a traceback; any other NotImplementedError is left alone."""
+    from extras.stopping import one_line_errors
+
+    def stub():
+        raise NotImplementedError("exercise 1: set mask to True")
+    with pytest.raises(SystemExit) as done:
+        with one_line_errors():
+            stub()
+    message = str(done.value.code)
+    assert message.startswith("error: ") and "test_exercises.py:" in message  # where the stub is
+    assert ", in stub: exercise 1: set mask to True; write it (EXERCISES.md)" in message and "\n" not in message
+    with pytest.raises(NotImplementedError, match="something else"):
+        with one_line_errors():
+            raise NotImplementedError("something else")
