@@ -8,8 +8,8 @@
 
 Without --init, a preference run first trains an SFT model on the chosen completions of the same
 data (or reuses out/sft-<data>-seed<seed>/ckpt.pt), then trains the policy starting from it,
-against a frozen copy of it (the reference) for a loss that has one; the summary compares the
-starting model with the trained one on held-out data.
+against it frozen (the reference) for a loss that has one; the summary compares the starting
+model with the trained one on held-out data.
 
 Read it top to bottom: the knobs, the set-up, one batch's loss, evaluation, then train(), whose
 while loop is the lesson. The maths lives in dpop.py, the data in data.py, the model in model.py;

@@ -5,8 +5,10 @@ and tests/test_speedups.py pins each one to the plain path. Not needed to follow
   once instead of twice.
 - sparse_embedding_grad: the token lookup's share of the tied wte gradient built sparse (CPU,
   large vocabularies).
-- reference_train_logps (--ref-logps precompute): the reference's log-probs of every training pair
-  computed once, cached in --out, so that the loop needs no reference forward pass.
+- reference_logps (--ref-logps auto, precompute): the reference's log-probs computed before step 1,
+  for the micro-batches the loop will read (the same bits as the loop's own reference forward) or
+  for every pair (reference_train_logps), cached beside --init for the next run from the same
+  reference, so that the loop runs no reference and keeps no copy of it.
 - to_device: pinned host memory, so a copy to a GPU overlaps with compute.
 - manual_attention: the textbook attention that SDPA replaces (bench.py --manual-attention turns
   this lever off, to measure it).
