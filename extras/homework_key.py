@@ -28,7 +28,9 @@ Task 2 (the derivation, 20 points)
     are the same number (same x) and cancel; Z, a sum over every completion, is never computed.
 (c) 5 points. c = -1, r = -4, beta 0.1, lam 50: z = 0.1 (3 - 50) = -4.7, loss = log(1 + e^4.7) =
     4.7091, sigmoid(4.7) = 0.99098, dL/dc = -0.1 x 51 x 0.99098 = -5.0540, dL/dr = +0.0991 (DPO:
-    z = 0.3, -0.0426 and +0.0426). `python gradients.py --c -1 --r -4` prints them.
+    z = 0.3, -0.0426 and +0.0426). `python gradients.py --c -1 --r -4` prints them. DPO's row is
+    the one of c = -2, r = -5 because DPO reads only c - r = 3; DPOP's penalty reads c itself
+    (lam x 1 here, lam x 2 there), so its z differs: -4.7 against -9.7.
 (d) 5 points. At step 0 c = 0 for every pair. max(0, -c) has no derivative there; torch.relu(-c)
     takes 0 (the first step is DPO's, -beta/2 on c), torch.clamp(-c, min=0) takes 1 (the pull on
     the chosen is 51 times DPO's, -2.55, on every pair, before any chosen has fallen).
