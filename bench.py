@@ -108,6 +108,8 @@ def parse_args(argv=None):
         p.error("--demo trains the demo's own model and data: drop --vs-trl, --shots, --prompt-tokens and --model")
     if args.threads is None:
         args.threads = torch.get_num_threads() if args.demo else 1
+    if args.batch is None and not args.demo:  # --demo takes its stage's batch from train.py
+        args.batch = 8
     try:  # every flag up front, by its own name: not after a run, nor as a traceback
         check_ranges(vars(args), {"batch": "positive", "shots": "zero or positive", "prompt_tokens": "zero or positive",
                                   "steps": "positive", "warmup": "zero or positive", "threads": "positive",
@@ -167,8 +169,8 @@ def harness_work(args):
     import synth_prefs
     shape = dict(n_layer=6, n_head=6, n_embd=384, block_size=256) if args.model == "bench" else \
         dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)
-    pairs, shots = synthetic_pairs(synth_prefs, args.steps * (args.batch or 8), args.shots, args.prompt_tokens)
-    cfg = TrainConfig(loss="dpo", beta=0.1, lr=1e-5, grad_clip=1.0, batch_size=args.batch or 8,
+    pairs, shots = synthetic_pairs(synth_prefs, args.steps * args.batch, args.shots, args.prompt_tokens)
+    cfg = TrainConfig(loss="dpo", beta=0.1, lr=1e-5, grad_clip=1.0, batch_size=args.batch,
                       full_logits=args.full_logits, out=tempfile.mkdtemp(prefix="dpop_bench_"))
     return GPTConfig(vocab_size=50257, **shape), pairs, shots, synth_prefs.PAD_ID, cfg
 
@@ -237,7 +239,7 @@ def run_ours(args):
         step_s.append(time.perf_counter() - t0)
         meter.add(pairs[i] for i in ids)
         if step < args.warmup:
-            meter.rates(1.0)  # the warm-up steps are left out of the figures
+            meter.reset()  # the warm-up steps are left out of the figures
     steady_s = sum(step_s[args.warmup:])
     mean_len = statistics.mean(len(p) + len(c) for p, c, _ in pairs)
     model_flops_per_token = meter.flops / meter.tokens
@@ -250,7 +252,8 @@ def run_ours(args):
         "fused_adamw": not args.unfused_adamw, "sdpa": not args.manual_attention,
         "sparse_embedding_grad": policy.transformer.wte.sparse,
         "threads": args.threads, "device": args.device, "dtype": args.dtype, "compile": args.compile,
-        "model": f"demo {args.demo}" if args.demo else args.model, "batch": cfg.batch_size, "params": policy.num_params(), **gpu,
+        "model": f"demo {args.demo}" if args.demo else args.model, "batch": cfg.batch_size,
+        "params": policy.num_params(), **gpu,
         "seq_len_mean": round(mean_len, 1), "steady_tokens_per_s": round(rates["tokens_per_s"], 1),
         "steady_step_s_median": round(statistics.median(step_s[args.warmup:]), 4),
         "precompute_s": round(precompute_s, 2),
@@ -269,7 +272,7 @@ def run_ours(args):
 
 def vs_trl(args):
     """Alternate TRL's harness and ours, each in a fresh process; print a Markdown table."""
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch or 8),
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
               "--threads", str(args.threads), "--shots", str(args.shots)]
     ours = [sys.executable, __file__, *common, "--synth", args.synth]
     precompute, share = ["--ref-logps", "precompute"], ["--share-prompt"]

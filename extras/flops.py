@@ -14,18 +14,24 @@ import time
 import torch
 
 
+def rows_of(pair, sft=False, shared=False):
+    """The input rows one (prompt, chosen, rejected) pair makes in a training step, as their token
+    counts, and its completion tokens (where the head runs): SFT reads the chosen row; a
+    preference loss both rows, or one packed row (shared) whose prompt is read once. A
+    completion's last token is only a target, so each row is one token shorter than its text."""
+    p, c, r = (len(x) for x in pair)
+    if sft:
+        return [p + c - 1], c
+    return ([p + c + r - 2] if shared else [p + c - 1, p + r - 1]), c + r
+
+
 def pair_flops(config, pairs, sft=False, reference=False, shared=False):
-    """The model FLOPs of one training pass over pairs ((prompt, chosen, rejected) token lists):
-    SFT reads the chosen rows; a preference loss both rows (shared: one packed row per pair,
-    its prompt counted once); reference: a reference forward runs in the step too."""
+    """The model FLOPs of one training pass over pairs ((prompt, chosen, rejected) token lists),
+    in the rows rows_of gives; reference: a reference forward runs in the step too."""
     C, L, V = config.n_embd, config.n_layer, config.vocab_size
     flops = 0
-    for p, c, r in pairs:
-        if sft:
-            rows, completion = [len(p) + len(c) - 1], len(c)
-        else:
-            rows = [len(p) + len(c) + len(r) - 2] if shared else [len(p) + len(c) - 1, len(p) + len(r) - 1]
-            completion = len(c) + len(r)
+    for pair in pairs:
+        rows, completion = rows_of(pair, sft, shared)
         flops += sum(6 * 12 * L * C * C * T + 12 * L * T * T * C for T in rows) + 6 * V * C * completion
     return flops * (4 / 3 if reference else 1)
 
@@ -74,30 +80,32 @@ class Meter:
     """Tokens and model FLOPs since the last log line; rates() turns them into tokens/s and util,
     the fraction of this machine's matmul throughput at the run's shapes (measured here, once)."""
     def __init__(self, config, pairs, cfg, device, dtype, reference, shared):
-        self.config, self.kind = config, dict(sft=cfg.loss == "sft", reference=reference, shared=shared)
-        self.peak = peak_for(config, pairs, cfg, device, dtype)
+        self.config, self.sft, self.shared, self.reference = config, cfg.loss == "sft", shared, reference
+        self.peak = self.measure_peak(pairs[:1000], cfg.batch_size, device, dtype)
+        self.reset()
+
+    def measure_peak(self, sample, batch_size, device, dtype):
+        """matmul_throughput at the shapes of a micro-batch of batch_size pairs like those of
+        sample (their mean), printed: the figure util is measured against."""
+        shapes = [rows_of(pair, self.sft, self.shared) for pair in sample]
+        tokens = batch_size * sum(sum(rows) for rows, _ in shapes) // len(sample)
+        completion = batch_size * sum(c for _, c in shapes) // len(sample)
+        peak = matmul_throughput(self.config, device, dtype, tokens, completion)
+        print(f"matmuls at this model's shapes ({tokens} rows a micro-batch): {peak / 1e9:.0f} GFLOP/s on "
+              f"this machine (util: the model's FLOP/s over this)")
+        return peak
+
+    def reset(self):
         self.tokens = self.flops = 0
 
     def add(self, pairs):
+        """Count a step's pairs: tokens as TRL counts them (prompt and completion of each row the
+        loss reads, SFT's chosen rows only), model FLOPs as pair_flops does."""
         pairs = list(pairs)
-        self.tokens += sum(len(p) + len(c) + (0 if self.kind["sft"] else len(p) + len(r)) for p, c, r in pairs)
-        self.flops += pair_flops(self.config, pairs, **self.kind)
+        self.tokens += sum(len(p) + len(c) + (0 if self.sft else len(p) + len(r)) for p, c, r in pairs)
+        self.flops += pair_flops(self.config, pairs, self.sft, self.reference, self.shared)
 
     def rates(self, seconds):
         rates = {"tokens_per_s": self.tokens / seconds, "util": self.flops / seconds / self.peak}
-        self.tokens = self.flops = 0
+        self.reset()
         return rates
-
-
-def peak_for(config, pairs, cfg, device, dtype):
-    """matmul_throughput at the shapes of cfg's micro-batches of pairs (the mean over the first
-    thousand), printed once: the figure a run's util is measured against."""
-    sample = pairs[:1000]
-    sft = cfg.loss == "sft"
-    rows = [len(p) + len(c) - 1 for p, c, _ in sample] + ([] if sft else [len(p) + len(r) - 1 for p, _, r in sample])
-    completion = [len(c) + (0 if sft else len(r)) for _, c, r in sample]
-    tokens = cfg.batch_size * sum(rows) // len(sample)
-    peak = matmul_throughput(config, device, dtype, tokens, cfg.batch_size * sum(completion) // len(sample))
-    print(f"matmuls at this model's shapes ({tokens} rows a micro-batch): {peak / 1e9:.0f} GFLOP/s on this "
-          f"machine (util: the model's FLOP/s over this)")
-    return peak

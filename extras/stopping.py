@@ -19,7 +19,8 @@ from extras.files import explain_os_error
 def one_line_errors():
     """A script's body, whose failures the user can fix end it with one line and no traceback:
     bad input (DataError: its message), a file-system failure (the path and what to do), Ctrl-C
-    outside the loop (set-up, summary), an exercise of a student copy not written yet (where). Under torchrun the process group is left either way."""
+    outside the loop (set-up, summary), an exercise of a student copy not written yet (where).
+    Under torchrun the process group is left either way."""
     try:
         yield
     except DataError as e:
