@@ -56,6 +56,45 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+LEAVE = """
+import os, socket, sys, torch
+sys.path.insert(0, os.getcwd())
+from extras import distributed
+from torch.nn.parallel import DistributedDataParallel as DDP
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+before = len(os.listdir("/proc/self/task"))
+distributed.setup_distributed()
+model = torch.nn.Linear(4, 4)
+optimizer, ddp = torch.optim.AdamW(model.parameters()), DDP(model)  # both import torch._dynamo
+ddp(torch.ones(2, 4)).sum().backward()
+optimizer.step()
+distributed.barrier()
+during = len(os.listdir("/proc/self/task"))
+del optimizer, ddp
+distributed.close_distributed()
+print(before, during, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.slow
+def test_leaving_the_process_group_ends_its_threads():
+    """close_distributed frees the group, so gloo's worker threads end before Python shuts down:
+    one freeing a tensor during the shutdown aborted 4 torchrun runs in about 260. They outlived it
+    when a module imported after the group was made held it (extras/distributed.py's imports).
+    In a fresh process, since that module is imported once."""
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counts threads in /proc (Linux)")
+    out = subprocess.run([sys.executable, "-c", LEAVE], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    before, during, after = map(int, out.stdout.split()[-3:])
+    assert during > before  # gloo's worker threads
+    assert after == before
+
+
 def test_gradients_sync_only_on_the_last_micro_batch(tmp_path, monkeypatch):
     """Under DDP, the loop's distributed.sync_gradients runs every micro-batch but the last under
     no_sync; without DDP it never does."""
