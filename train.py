@@ -366,9 +366,9 @@ def train(cfg):
         if master:
             checkpoints.save_training_state(ckpt_path, model, optimizer, scaler, step, done, cfg)
 
-    # The compiled (and, under torchrun, DDP-wrapped) module trains; the plain one is evaluated
-    # and saved, so checkpoints have no "_orig_mod." or "module." prefixes.
-    train_model = distributed.wrap_for_ranks(torch.compile(model) if cfg.compile else model, device)
+    # The compiled module trains; the plain one (the same weights) is evaluated and saved, so
+    # checkpoints have no "_orig_mod." prefixes.
+    train_model = torch.compile(model) if cfg.compile else model
     model.train()
     health = stopping.StepHealth(cfg, ckpt_path, dtype != torch.float32)  # counts non-finite steps
     stop_rule = config.has_stop_rule(vars(cfg))  # SFT from random weights, on data with problems
@@ -390,15 +390,15 @@ def train(cfg):
                 ids = mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]
                 batch = speedups.to_device(collate_fn([train_pairs[i] for i in ids], enc.eot_token), device)
                 ref_logps = None if ref_train_logps is None else ref_train_logps.of(step, m, ids, device)
-                with distributed.sync_gradients(train_model, last=m == cfg.grad_accum - 1):  # DDP: once a step
-                    with ctx:
-                        loss, micro_stats = batch_loss(train_model, ref, batch, cfg, ref_logps)
-                    # exercise 5 begins: backward, scaled for accumulation
-                    scaler.scale(loss / cfg.grad_accum).backward()  # divided: the sum is the mean's gradient
-                    # exercise 5 ends
+                with ctx:
+                    loss, micro_stats = batch_loss(train_model, ref, batch, cfg, ref_logps)
+                # exercise 5 begins: backward, scaled for accumulation
+                scaler.scale(loss / cfg.grad_accum).backward()  # divided: the sum is the mean's gradient
+                # exercise 5 ends
                 for k, v in micro_stats.items():  # log the true mean over micro-batches, not the last
                     stats[k] = stats.get(k, 0.0) + v / cfg.grad_accum
-            stats = distributed.all_mean(stats, device)  # under torchrun: the mean over the ranks
+            distributed.average_gradients(model)  # under torchrun: the mean over the ranks, one all-reduce
+            stats = distributed.all_mean(stats, device)  # the same for the logged figures
 
             # --- update: unscale, clip, step unless the loss or a gradient is not finite, zero
             grad_norm, finite, overflow = optimizer_step(model, optimizer, scaler, cfg.grad_clip, stats["loss"])

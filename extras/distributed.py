@@ -1,21 +1,19 @@
 """Several processes under torchrun: each is a rank with its own share of every batch. One call
 joins the process group (setup_distributed), and the loop asks these helpers for its rank, its
-device, the DDP wrapper, the gradient sync of each micro-batch, and the means and flags that
-every rank must agree on. Without torchrun each of them is a no-op: (0, 1), the module as it is.
+device, the mean of the gradients over the ranks, and the means and flags that every rank must
+agree on. Without torchrun each of them is a no-op: (0, 1), the gradients as they are.
 """
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 # Imported before the process group exists, on purpose. Its functions take the group as a default
-# argument; imported later (AdamW and DDP import it, through torch._dynamo) they would hold the
-# group for good, close_distributed could not free it, gloo's worker threads would outlive it, and
-# one of them freeing a tensor while Python shuts down aborts the process ("terminate called
-# without an active exception": 4 torchrun runs in about 260 on 2 CPU cores).
+# argument; imported later (AdamW imports it, through torch._dynamo) they would hold the group for
+# good, close_distributed could not free it, gloo's worker threads would outlive it, and one of
+# them freeing a tensor while Python shuts down aborts the process ("terminate called without an
+# active exception": 4 torchrun runs in about 260 on 2 CPU cores).
 import torch.distributed.nn  # noqa: F401
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 def setup_distributed():
@@ -44,18 +42,24 @@ def local_device(device):
     return device
 
 
-def wrap_for_ranks(model, device):
-    """Under torchrun, the module that trains is wrapped in DDP, which averages the gradients
-    across ranks during backward; otherwise it is returned as it is."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+def average_gradients(model):
+    """Under torchrun, each rank's gradients become their mean over the ranks: one all-reduce of
+    them all laid end to end, once a step, after the last micro-batch's backward. Every rank
+    starts from the same weights (the seed or the checkpoint), so every rank takes the same step.
 
-
-def sync_gradients(model, last):
-    """The context for one micro-batch's backward: under DDP only the last micro-batch of a step
-    all-reduces the gradients (no_sync for the others: the sum is the same, the traffic once)."""
-    return nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+    Not DDP, which overlaps that all-reduce with the backward: its Reducer holds the process
+    group, and when the Reducer went last (a wrapper freed after close_distributed), the group
+    was destroyed while holding Python's lock, and its gloo threads, which need that lock to
+    end, hung the process. The price, estimated and not measured: a GPT-2 step on 8 GPUs waits
+    for its 500 MB of gradients at the GPUs' link speed, a few milliseconds."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)  # the sum over the ranks
+    flat /= dist.get_world_size()
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
 
 
 def all_mean(values, device):

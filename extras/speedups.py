@@ -108,8 +108,8 @@ def sparse_embedding_grad(model, device, world):
     head's, rather than built as a second zero-filled (vocab, n_embd) tensor: the same sum, with
     74 MiB less at bench.py's peak (--dense-embedding-grad there turns it off). wte.weight.grad
     is still dense. A byte vocabulary's (257, n_embd) gradient is too small to matter (and its
-    sums in another order would move the demo's figures in their last bits), DDP insists on one
-    layout per parameter, and GPUs were not measured: those keep the default."""
+    sums in another order would move the demo's figures in their last bits), and torchrun and GPUs
+    were not measured: those keep the default."""
     model.transformer.wte.sparse = (device.type == "cpu" and world == 1
                                     and model.config.vocab_size > 4096)
 

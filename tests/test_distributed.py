@@ -38,11 +38,11 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(tmp_path, sft_ckpt, smal
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", "train.py", *common, *per_rank, "--out", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
-    assert "4 steps of 8 pairs (batch " in ddp.stdout and "x 2 processes)" in ddp.stdout
+                           cwd=ROOT, env=env, capture_output=True, text=True)
+    assert ranks.returncode == 0, ranks.stdout[-3000:] + ranks.stderr[-3000:]
+    assert "4 steps of 8 pairs (batch " in ranks.stdout and "x 2 processes)" in ranks.stdout
     one, two = (load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("one", "two"))
     assert two["step"] == 4 and two["done"]
     assert not any(k.startswith("module.") for k in two["model"])
@@ -60,7 +60,6 @@ LEAVE = """
 import os, socket, sys, torch
 sys.path.insert(0, os.getcwd())
 from extras import distributed
-from torch.nn.parallel import DistributedDataParallel as DDP
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -68,12 +67,12 @@ os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0
 before = len(os.listdir("/proc/self/task"))
 distributed.setup_distributed()
 model = torch.nn.Linear(4, 4)
-optimizer, ddp = torch.optim.AdamW(model.parameters()), DDP(model)  # both import torch._dynamo
-ddp(torch.ones(2, 4)).sum().backward()
+optimizer = torch.optim.AdamW(model.parameters())  # imports torch._dynamo
+model(torch.ones(2, 4)).sum().backward()
+distributed.average_gradients(model)
 optimizer.step()
 distributed.barrier()
 during = len(os.listdir("/proc/self/task"))
-del optimizer, ddp
 distributed.close_distributed()
 print(before, during, len(os.listdir("/proc/self/task")))
 """
@@ -95,28 +94,21 @@ def test_leaving_the_process_group_ends_its_threads():
     assert after == before
 
 
-def test_gradients_sync_only_on_the_last_micro_batch(tmp_path, monkeypatch):
-    """Under DDP, the loop's distributed.sync_gradients runs every micro-batch but the last under
-    no_sync; without DDP it never does."""
+def test_the_mean_over_one_rank_is_the_gradient_itself(tmp_path):
+    """distributed.average_gradients lays every gradient end to end, all-reduces and puts each
+    back in place: over one rank, bit for bit what it was, the tied embedding's included. Two
+    ranks against one process: test_two_ranks_equal_one_process_at_twice_the_batch."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from extras.distributed import sync_gradients
+    from extras.distributed import average_gradients, close_distributed
     from model import GPT, GPTConfig
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        entered = []
-        real_no_sync = DDP.no_sync
-
-        def counting_no_sync(self):
-            entered.append(1)
-            return real_no_sync(self)
-        monkeypatch.setattr(DDP, "no_sync", counting_no_sync)
-        plain = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48))
-        for model in (plain, DDP(plain)):
-            for m in range(3):
-                with sync_gradients(model, last=m == 2):
-                    model(torch.randint(0, 257, (2, 8))).sum().backward()
-        assert len(entered) == 2  # micro-batches 1 and 2 of 3, under DDP only
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=48))
+        model(torch.randint(0, 257, (2, 8))).sum().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        average_gradients(model)
+        for name, p in model.named_parameters():
+            assert torch.equal(p.grad, grads[name]), name
     finally:
-        dist.destroy_process_group()
+        close_distributed()
