@@ -105,7 +105,7 @@ class TrainConfig:
     n_embd: int = knob(128, "width", range="positive", **INHERIT)
     block_size: int = knob(64, "context length in tokens", range=f"in [1, {config.MAX_BLOCK_SIZE}]", **INHERIT)
     dropout: float = knob(0.0, "dropout probability", range="in [0, 1)", **INHERIT)
-    eval_every: int = knob(50, "evaluate and checkpoint every this many steps (and at the end)", range="positive",
+    eval_every: int = knob(100, "evaluate and checkpoint every this many steps (and at the end)", range="positive",
                            **RESUME, **INHERIT, group="evaluation, logging, machine")
     log_every: int = knob(10, "print and record a metrics row every this many steps", range="positive",
                           **WATCH, **INHERIT)
