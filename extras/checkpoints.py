@@ -258,8 +258,9 @@ def restore(cfg, ckpt_path, model, optimizer, scaler):
 # with. The knobs that say reference_may_differ may differ: they say where and how a run is
 # watched and kept, or compute the same maths another way (compile; ref_logps, full_logits and
 # share_prompt do not apply to SFT). All others count, --device and --dtype too (another dtype,
-# or a GPU's TF32 matmuls, train another model), and --eval-every when SFT stops at a target
-# accuracy, since it can only stop at an evaluation. A mismatch stops the run rather than giving
+# or a GPU's TF32 matmuls, train another model), and --eval-every where it adds places to stop:
+# SFT that stops at a target accuracy stops at a check or an evaluation, and an --eval-every that
+# is a multiple of --sft-check-every adds none. A mismatch stops the run rather than giving
 # each recipe its own folder: the reference keeps the one folder name the README and the
 # messages give, and nothing the user made is replaced or duplicated without being asked.
 
@@ -290,6 +291,8 @@ def claim_reference(sft_cfg, ckpt_path, run_cfg):
                 may_differ |= {"eval_every", "sft_check_every"}  # no stop rule: they change nothing
             elif "sft_check_every" not in ckpt["config"]:  # made before the knob: checked at each eval
                 ckpt = {**ckpt, "config": {**ckpt["config"], "sft_check_every": ckpt["config"]["eval_every"]}}
+            if all(c["eval_every"] % c["sft_check_every"] == 0 for c in (vars(sft_cfg), ckpt["config"])):
+                may_differ |= {"eval_every"}  # every evaluation is a check as well: no other stops
             differ = recipe_differences(sft_cfg, ckpt, may_differ)
             if differ:
                 raise DataError(f"{ckpt_path} is an SFT reference made with another recipe: "

@@ -239,6 +239,7 @@ def claimed(sft_cfg, run_cfg):
     # the case: a smoke run's reference, then the demo's shape
     ({"n_layer": 1, "n_head": 2, "n_embd": 32}, {}, "n_layer (1 -> 4), n_head (2 -> 4), n_embd (32 -> 128)"),
     ({}, {"eval_every": 7}, "eval_every (100 -> 7)"),  # SFT stops at its target accuracy: at an eval
+    ({"eval_every": 50}, {}, None),  # ... but evaluations at multiples of the check add no stops
     ({}, {"sft_check_every": 50}, "sft_check_every (10 -> 50)"),  # ... or at a check between evals
     ({"sft_target_acc": 0.0}, {"sft_target_acc": 0.0, "sft_check_every": 7}, None),
     ({}, {"dtype": "float32"}, "dtype ('auto' -> 'float32')"),
